@@ -1,0 +1,34 @@
+# The two commands of the README: `make demo` (the main job) and `make test` (the test suite).
+# Both build .venv/ themselves; torch is pinned to the CPU build this machine provides.
+PY ?= python3
+VENV := .venv
+TORCH ?= torch==2.13.0
+
+.PHONY: venv test test-slow demo lint bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q $(TORCH)
+	$(VENV)/bin/pip install -q -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+test: venv
+	$(VENV)/bin/python -m pytest -q
+
+test-slow: venv
+	$(VENV)/bin/python -m pytest -q -m slow
+
+lint: venv
+	$(VENV)/bin/ruff check src tests
+
+demo: venv
+	$(VENV)/bin/mixdepth demo
+
+bench: venv
+	$(VENV)/bin/mixdepth bench all
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info

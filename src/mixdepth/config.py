@@ -1,0 +1,246 @@
+"""Configuration dataclasses: model, routing and training settings.
+
+Every dataclass validates itself on construction and raises a one-line ``ValueError`` naming the
+field and the bad value, so the CLI can show it as is. Configs round-trip through JSON with
+``to_dict()``/``from_dict()``; unknown keys are an error, missing keys take their defaults.
+
+Routing follows Mixture-of-Depths (Raposo et al. 2024, arXiv 2404.02258, sections 3.1-3.5).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("mixdepth")
+
+ROUTERS = ("expert_choice", "token_choice", "random", "none")
+GATES = ("raw", "sigmoid", "straight_through")
+MODES = ("topk", "causal", "dense")
+CAUSAL_METHODS = ("predictor", "aux_loss")
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+class _Serializable:
+    """JSON round trip for (nested) dataclasses: unknown keys fail, missing keys default."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], *, prefix: str = ""):
+        if not isinstance(d, dict):
+            raise ValueError(f"{prefix or cls.__name__} must be a JSON object, got {type(d).__name__}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(d) - set(fields))
+        if unknown:
+            raise ValueError(f"unknown config key {prefix}{unknown[0]!s} (known: {', '.join(fields)})")
+        missing = sorted(set(fields) - set(d))
+        if missing:
+            log.info("config %s: keys %s missing, using defaults", prefix or cls.__name__, missing)
+        kwargs = {}
+        for name, value in d.items():
+            sub = _NESTED.get((cls.__name__, name))
+            kwargs[name] = sub.from_dict(value, prefix=f"{prefix}{name}.") if sub else value
+        return cls(**kwargs)
+
+    def to_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_json(cls, path: str | Path):
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ValueError(f"config file not found: {path}") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"config file {path} is not valid JSON ({e.msg}, line {e.lineno})") from None
+        return cls.from_dict(data)
+
+
+@dataclass(kw_only=True)
+class RoutingConfig(_Serializable):
+    """Which layers are routed, how, and how the causal (sampling-time) decision is made."""
+
+    router: str = "expert_choice"
+    """Router type: `expert_choice` (MoD top-k), `token_choice`, `random` (ablation) or `none` (dense)."""
+    capacity: float = 0.125
+    """Fraction C of the sequence that enters a routed block; k = ceil(C*T), at least 1. Paper: 12.5%."""
+    route_every: int = 2
+    """Route every n-th layer, starting with layer n-1 (2: layers 1, 3, 5, ...; 1: every layer)."""
+    routed_layers: list[int] | None = None
+    """Explicit list of routed layer indices; overrides `route_every` when given."""
+    gate: str = "sigmoid"
+    """Scale of the block output: `raw` router logit (paper), `sigmoid` of it, or `straight_through`
+    (value 1, router gradient; keeps a converted model's function). Default `sigmoid`: with `raw`
+    a router initialised near 0 scales the routed blocks' gradients near 0 at the start."""
+    mode: str = "topk"
+    """Default forward mode: `topk` (training), `causal` (per-token decisions, sampling), `dense`."""
+    causal_method: str = "predictor"
+    """Sampling-time decision: `predictor` (aux MLP on stop-gradient inputs) or `aux_loss` (router
+    logit thresholded; train with `aux_loss_weight` > 0)."""
+    aux_loss_weight: float = 0.01
+    """Weight of the BCE loss of router logits against top-k membership (paper section 3.5)."""
+    predictor_hidden: int = 0
+    """Hidden width of the predictor MLP; 0 means dim // 8 (the common choice)."""
+    predictor_loss_weight: float = 1.0
+    """Weight of the predictor's BCE loss; its inputs are detached, so it never touches the trunk."""
+    balance_loss_weight: float = 0.01
+    """Weight of the token-choice balancing loss (only for `router="token_choice"`)."""
+    router_init_std: float = 0.02
+    """Standard deviation of the router weight initialisation."""
+
+    def __post_init__(self) -> None:
+        _check(self.router in ROUTERS, f"routing.router must be one of {ROUTERS}, got {self.router!r}")
+        _check(
+            isinstance(self.capacity, (int, float)) and 0 < self.capacity <= 1,
+            f"routing.capacity must be in (0, 1], got {self.capacity}",
+        )
+        _check(
+            isinstance(self.route_every, int) and self.route_every >= 1,
+            f"routing.route_every must be an integer >= 1, got {self.route_every}",
+        )
+        if self.routed_layers is not None:
+            _check(
+                isinstance(self.routed_layers, (list, tuple))
+                and all(isinstance(i, int) and i >= 0 for i in self.routed_layers),
+                f"routing.routed_layers must be a list of layer indices >= 0, got {self.routed_layers}",
+            )
+            self.routed_layers = sorted(set(self.routed_layers))
+        _check(self.gate in GATES, f"routing.gate must be one of {GATES}, got {self.gate!r}")
+        _check(self.mode in MODES, f"routing.mode must be one of {MODES}, got {self.mode!r}")
+        _check(
+            self.causal_method in CAUSAL_METHODS,
+            f"routing.causal_method must be one of {CAUSAL_METHODS}, got {self.causal_method!r}",
+        )
+        for name in ("aux_loss_weight", "predictor_loss_weight", "balance_loss_weight", "router_init_std"):
+            v = getattr(self, name)
+            _check(isinstance(v, (int, float)) and v >= 0, f"routing.{name} must be >= 0, got {v}")
+        _check(
+            isinstance(self.predictor_hidden, int) and self.predictor_hidden >= 0,
+            f"routing.predictor_hidden must be an integer >= 0, got {self.predictor_hidden}",
+        )
+
+    def is_routed(self, layer: int, n_layers: int) -> bool:
+        if self.router == "none":
+            return False
+        if self.routed_layers is not None:
+            return layer in self.routed_layers
+        return layer % self.route_every == self.route_every - 1
+
+    def k(self, seq_len: int) -> int:
+        """Tokens per sequence that enter a routed block in `topk` mode: ceil(C*T), at least 1."""
+        # round() first so that 0.125 * 1024 does not become 129 through float noise
+        return max(1, min(seq_len, math.ceil(round(self.capacity * seq_len, 6))))
+
+
+@dataclass(kw_only=True)
+class ModelConfig(_Serializable):
+    """A decoder-only Llama-style transformer with Mixture-of-Depths routing."""
+
+    vocab_size: int = 256
+    """Vocabulary size (256 for the byte-level tokenizer)."""
+    dim: int = 256
+    """Model (residual stream) width."""
+    n_layers: int = 4
+    """Number of transformer blocks."""
+    n_heads: int = 4
+    """Attention (query) heads."""
+    n_kv_heads: int = 0
+    """Key/value heads for grouped-query attention; 0 means `n_heads` (multi-head attention)."""
+    head_dim: int = 0
+    """Width of one head; 0 means dim // n_heads."""
+    ffn_dim: int = 0
+    """Hidden width of the SwiGLU MLP; 0 means the Llama rule (8/3 * dim rounded up to 64)."""
+    max_seq_len: int = 256
+    """Longest sequence the model is built for (RoPE table size, cache default)."""
+    rope_theta: float = 10000.0
+    """RoPE base frequency."""
+    norm_eps: float = 1e-5
+    """RMSNorm epsilon."""
+    tie_embeddings: bool = True
+    """Share the input embedding and the output projection."""
+    init_std: float = 0.02
+    """Standard deviation of the weight initialisation (output projections are scaled by depth)."""
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    """Mixture-of-Depths routing settings."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.routing, dict):
+            self.routing = RoutingConfig.from_dict(self.routing, prefix="routing.")
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len"):
+            v = getattr(self, name)
+            _check(isinstance(v, int) and v >= 1, f"model.{name} must be an integer >= 1, got {v}")
+        for name in ("n_kv_heads", "head_dim", "ffn_dim"):
+            v = getattr(self, name)
+            _check(isinstance(v, int) and v >= 0, f"model.{name} must be an integer >= 0, got {v}")
+        if self.n_kv_heads == 0:
+            self.n_kv_heads = self.n_heads
+        _check(
+            self.n_heads % self.n_kv_heads == 0,
+            f"model.n_heads ({self.n_heads}) must be a multiple of model.n_kv_heads ({self.n_kv_heads})",
+        )
+        if self.head_dim == 0:
+            _check(
+                self.dim % self.n_heads == 0,
+                f"model.dim ({self.dim}) must be divisible by model.n_heads ({self.n_heads})",
+            )
+            self.head_dim = self.dim // self.n_heads
+        _check(self.head_dim % 2 == 0, f"model.head_dim must be even for RoPE, got {self.head_dim}")
+        if self.ffn_dim == 0:
+            self.ffn_dim = 64 * math.ceil(8 * self.dim / 3 / 64)
+        _check(self.rope_theta > 0, f"model.rope_theta must be > 0, got {self.rope_theta}")
+        _check(self.norm_eps > 0, f"model.norm_eps must be > 0, got {self.norm_eps}")
+        _check(self.init_std > 0, f"model.init_std must be > 0, got {self.init_std}")
+        if self.routing.routed_layers is not None:
+            bad = [i for i in self.routing.routed_layers if i >= self.n_layers]
+            _check(not bad, f"routing.routed_layers has index {bad[:1]} >= model.n_layers ({self.n_layers})")
+
+    @property
+    def routed_layer_ids(self) -> list[int]:
+        return [i for i in range(self.n_layers) if self.routing.is_routed(i, self.n_layers)]
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> ModelConfig:
+        """Build a named preset (see `PRESETS`), with field overrides (`routing` may be a dict)."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r} (known: {', '.join(PRESETS)})")
+        d = {k: v for k, v in PRESETS[name].items()}
+        routing = dict(d.pop("routing", {}))
+        routing.update(overrides.pop("routing", {}) or {})
+        d.update(overrides)
+        return cls(**d, routing=RoutingConfig(**routing))
+
+    def with_routing(self, **changes: Any) -> ModelConfig:
+        """A copy with routing fields changed (e.g. `router="none"` for the dense twin)."""
+        return dataclasses.replace(self, routing=dataclasses.replace(self.routing, **changes))
+
+
+# Named model sizes. `debug` builds in well under a second on CPU; `bench` is the size of the
+# speed benchmarks in the issues (d=512, 8 layers); `demo` is what `mixdepth demo` trains.
+PRESETS: dict[str, dict[str, Any]] = {
+    "debug": dict(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=128),
+    "demo": dict(dim=256, n_layers=6, n_heads=4, ffn_dim=768, max_seq_len=256),
+    "bench": dict(dim=512, n_layers=8, n_heads=8, ffn_dim=1536, max_seq_len=1024),
+    "small": dict(dim=768, n_layers=12, n_heads=12, ffn_dim=2048, max_seq_len=1024),
+    "gpu-large": dict(dim=2048, n_layers=24, n_heads=16, ffn_dim=5632, max_seq_len=4096),
+}
+
+
+# (class name, field name) -> nested dataclass, for from_dict
+_NESTED: dict[tuple[str, str], Any] = {("ModelConfig", "routing"): RoutingConfig}
+
+
+def register_nested(owner: str, name: str, cls: Any) -> None:
+    """Let another module's config dataclass nest a config (e.g. TrainConfig.model)."""
+    _NESTED[(owner, name)] = cls

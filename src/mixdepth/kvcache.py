@@ -1,0 +1,196 @@
+"""KV cache in which a token that skips a routed layer stores nothing there.
+
+Preallocated buffers written by index (as gpt-fast), with a fill length per batch row per layer
+(as nanochat's `cache_seqlens`):
+- a dense layer caches every token: slot s of row b holds position s;
+- a routed layer caches only the tokens that entered its block, packed in arrival order, with
+  their original position ids in `positions` (RoPE is applied before storing, so attention never
+  needs them; they are kept for statistics and routing maps). Its buffers start at the expected
+  routed fraction of the context and grow when a row needs more.
+
+Attention reads the buffers in place (a view up to the longest row), masked per row; a batch
+row that did not route a token is never copied or gathered, and its query is a zero row that the
+caller discards (its keys are not read for any result).
+
+Fill lengths live on the host: the number of tokens that chose a block is known there anyway
+(the block's shape depends on it), so no extra device sync is needed.
+
+Dimensions: B batch, N rows that write, G key/value heads, H query heads, S slots, T new tokens,
+L slots read, E head width.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .config import ModelConfig
+
+
+class LayerKV:
+    """One layer's buffers: keys/values (B, G, S, E), fill lengths (B,) on the host."""
+
+    def __init__(self, B: int, G: int, E: int, S: int, dtype, device, routed: bool, max_len: int):
+        self.routed, self.max_len = routed, max_len
+        self.k = torch.zeros(B, G, S, E, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.positions = torch.full((B, S), -1, dtype=torch.long, device=device) if routed else None
+        self.lengths = torch.zeros(B, dtype=torch.long)  # host
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+    def ensure(self, needed: int) -> None:
+        if needed <= self.capacity:
+            return
+        if not self.routed or needed > self.max_len:
+            raise ValueError(f"sequence of {needed} tokens exceeds the cache's max_seq_len ({self.max_len})")
+        new = min(self.max_len, max(needed, math.ceil(self.capacity * 1.5) + 8))
+        pad = new - self.capacity
+        self.k = F.pad(self.k, (0, 0, 0, pad))
+        self.v = F.pad(self.v, (0, 0, 0, pad))
+        self.positions = F.pad(self.positions, (0, pad), value=-1)
+
+    def reset(self) -> None:
+        self.lengths.zero_()
+        if self.positions is not None:
+            self.positions.fill_(-1)
+
+
+class CacheSlot:
+    """One layer's cache as seen by one forward call: where the new keys go and what they see.
+
+    `rows` (N,) are the batch rows whose tokens run the block (None: all rows, in order); the
+    attention input then has N rows. `counts` (host, (N,)) is how many of the T new tokens of
+    each row are real; the rest are padding, written past the fill length and never attended by
+    a real token (they come after every real token of their row).
+    """
+
+    def __init__(self, layer: LayerKV, counts: torch.Tensor, rows: torch.Tensor | None, positions):
+        self.layer, self.counts, self.rows, self.positions = layer, counts, rows, positions
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, enable_gqa: bool) -> torch.Tensor:
+        layer = self.layer
+        N, H, T, E = q.shape
+        B = layer.k.shape[0]
+        dev = q.device
+        rows_host = self.rows.cpu() if self.rows is not None else None
+        offsets = layer.lengths if rows_host is None else layer.lengths[rows_host]  # (N,) host
+        layer.ensure(int(offsets.max()) + T)
+        uniform = rows_host is None and bool((offsets == offsets[0]).all())
+        if uniform:
+            o = int(offsets[0])
+            layer.k[:, :, o : o + T] = k
+            layer.v[:, :, o : o + T] = v
+            if self.positions is not None:
+                layer.positions[:, o : o + T] = self.positions
+        else:
+            slots = offsets.to(dev)[:, None] + torch.arange(T, device=dev)  # (N, T)
+            r = (torch.arange(B, device=dev) if self.rows is None else self.rows)[:, None]  # (N, 1)
+            layer.k[r, :, slots] = k.transpose(1, 2)
+            layer.v[r, :, slots] = v.transpose(1, 2)
+            if self.positions is not None:
+                layer.positions[r, slots] = self.positions
+        L = int(offsets.max()) + T
+        keys, values = layer.k[:, :, :L], layer.v[:, :, :L]  # (B, G, L, E) views, no copy
+        if uniform and T == 1 and L == o + 1:
+            y = F.scaled_dot_product_attention(q, keys, values, enable_gqa=enable_gqa)
+        elif uniform and o == 0:
+            y = F.scaled_dot_product_attention(q, keys, values, is_causal=T > 1, enable_gqa=enable_gqa)
+        else:
+            # query t of a writing row sees slots <= offset + t; other rows see slot 0 (discarded)
+            limit = torch.zeros(B, T, dtype=torch.long, device=dev)
+            lim_rows = offsets.to(dev)[:, None] + torch.arange(T, device=dev)  # (N, T)
+            if self.rows is None:
+                limit = lim_rows
+            else:
+                limit[self.rows] = lim_rows
+            mask = torch.arange(L, device=dev) <= limit[..., None]  # (B, T, L)
+            if self.rows is not None and N != B:
+                qf = q.new_zeros(B, H, T, E)
+                qf[self.rows] = q
+                q = qf
+            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None], enable_gqa=enable_gqa)
+            if self.rows is not None and N != B:
+                y = y[self.rows]
+        if rows_host is None:
+            layer.lengths += self.counts
+        else:
+            layer.lengths[rows_host] += self.counts
+        return y
+
+
+class KVCache:
+    """Per-layer caches of a model for `batch_size` rows; see the module docstring."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        batch_size: int,
+        max_seq_len: int,
+        dtype: torch.dtype,
+        device,
+        routed_fraction: float | None = None,
+    ):
+        self.cfg, self.batch_size, self.max_seq_len = cfg, batch_size, max_seq_len
+        frac = cfg.routing.capacity if routed_fraction is None else routed_fraction
+        routed = set(cfg.routed_layer_ids)
+        routed_slots = min(max_seq_len, math.ceil(max_seq_len * min(1.0, frac * 1.25)) + 16)
+        self.layers = [
+            LayerKV(
+                batch_size, cfg.n_kv_heads, cfg.head_dim, routed_slots if i in routed else max_seq_len,
+                dtype, device, i in routed, max_seq_len,
+            )
+            for i in range(cfg.n_layers)
+        ]
+        self.seq_lengths = torch.zeros(batch_size, dtype=torch.long)  # host: tokens seen per row
+        self._valid: torch.Tensor | None = None
+
+    def reset(self) -> None:
+        for layer in self.layers:
+            layer.reset()
+        self.seq_lengths.zero_()
+
+    # ---- used by the model's forward ----------------------------------------------------------
+    def begin(self, valid_counts: torch.Tensor) -> None:
+        self._valid = valid_counts.to(torch.long).cpu()
+
+    def end(self) -> None:
+        self.seq_lengths += self._valid
+        self._valid = None
+
+    def dense_slot(self, layer_id: int) -> CacheSlot:
+        return CacheSlot(self.layers[layer_id], self._valid, None, None)
+
+    def routed_slot(self, layer_id: int, chosen, pos, *, idx=None, rows=None) -> CacheSlot:
+        """Slot for the rows `rows` (None: all) writing the tokens `idx` (None: all T) of `chosen`."""
+        counts = chosen.sum(1).cpu()
+        if rows is not None:
+            counts = counts[rows.cpu()]
+            pos = pos[rows]
+        if idx is not None:
+            pos = pos.gather(1, idx)
+        return CacheSlot(self.layers[layer_id], counts, rows, pos)
+
+    # ---- accounting ---------------------------------------------------------------------------
+    def _bytes_per_token(self) -> int:
+        k = self.layers[0].k
+        return 2 * k.shape[1] * k.shape[3] * k.element_size()
+
+    def bytes_in_use(self) -> int:
+        """Bytes of keys/values actually held (sum over layers and rows of fill lengths)."""
+        return sum(int(layer.lengths.sum()) for layer in self.layers) * self._bytes_per_token()
+
+    def bytes_allocated(self) -> int:
+        return sum(layer.k.numel() + layer.v.numel() for layer in self.layers) * self.layers[0].k.element_size()
+
+    def dense_bytes(self) -> int:
+        """What a dense model of the same size would hold for the same tokens."""
+        return int(self.seq_lengths.sum()) * self.cfg.n_layers * self._bytes_per_token()
+
+    def routed_counts(self) -> dict[int, torch.Tensor]:
+        """Tokens cached per row, for each routed layer."""
+        return {i: layer.lengths.clone() for i, layer in enumerate(self.layers) if layer.routed}

@@ -1,0 +1,157 @@
+"""Llama-style building blocks: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU.
+
+Module names follow Hugging Face's Llama (`self_attn.q_proj`, `mlp.gate_proj`, `input_layernorm`,
+...), so converting a pretrained model is a near-identity key map. `Block.delta()` returns what
+the block *adds* to the residual stream, f(x) in the paper's x' = x + r * f(x) (section 3.1).
+
+Dimensions: B batch, T tokens (or k routed tokens), D model width, H query heads,
+G key/value heads, E head width, S cache slots, F MLP hidden width.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import ModelConfig
+
+
+class Linear(nn.Linear):
+    """Bias-free linear layer. Every matmul in the model goes through it, so FLOPs and parameter
+    counts can be read off the module tree (see `mixdepth.flops`)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+        super().__init__(in_features, out_features, bias=bias)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in fp32 and cast back (as Hugging Face's Llama)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding table, looked up by position id.
+
+    Routed tokens keep their original position ids, so a gathered token is rotated exactly as it
+    would be in the full sequence (the bug "positions renumbered 0..k-1" cannot happen here: the
+    table is only ever indexed by the original ids).
+    """
+
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float) -> None:
+        super().__init__()
+        self.max_seq_len = max_seq_len
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+        t = torch.arange(max_seq_len, dtype=torch.float64)
+        freqs = torch.outer(t, inv_freq)  # (S, E/2)
+        emb = torch.cat([freqs, freqs], dim=-1)  # (S, E), HF's rotate_half layout
+        self.register_buffer("cos", emb.cos().float(), persistent=False)
+        self.register_buffer("sin", emb.sin().float(), persistent=False)
+
+    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T) or (T,) position ids -> cos, sin of shape (B|1, 1, T, E) in fp32."""
+        if position_ids.dim() == 1:
+            position_ids = position_ids[None]
+        return self.cos[position_ids][:, None], self.sin[position_ids][:, None]
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, H, T, E) by the position angles, in fp32, cast back."""
+    xf = x.float()
+    return (xf * cos + _rotate_half(xf) * sin).to(x.dtype)
+
+
+def attention_reference(q, k, v, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Eager attention (softmax(QK^T/sqrt(E)) V) with GQA and a boolean mask; for tests only."""
+    rep = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(rep, dim=1)
+    v = v.repeat_interleave(rep, dim=1)
+    scores = (q.float() @ k.float().transpose(-1, -2)) / q.shape[-1] ** 0.5
+    if mask is None:
+        T, S = q.shape[-2], k.shape[-2]
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return (scores.softmax(-1) @ v.float()).to(q.dtype)
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention on `F.scaled_dot_product_attention`.
+
+    Without a cache it attends causally within the given tokens (for a routed layer: among the
+    gathered tokens, whose order is the original order). With a cache slot it appends its keys and
+    values to the cache first and attends over everything the cache holds for each row.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = Linear(cfg.dim, cfg.n_heads * cfg.head_dim)
+        self.k_proj = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim)
+        self.v_proj = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim)
+        self.o_proj = Linear(cfg.n_heads * cfg.head_dim, cfg.dim)
+        self.gqa = cfg.n_kv_heads != cfg.n_heads
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, E)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, G, T, E)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, G, T, E)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=self.gqa)
+        else:
+            y = cache.attend(q, k, v, enable_gqa=self.gqa)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*E)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = Linear(cfg.dim, cfg.ffn_dim)
+        self.up_proj = Linear(cfg.dim, cfg.ffn_dim)
+        self.down_proj = Linear(cfg.ffn_dim, cfg.dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """A pre-norm transformer block (attention + MLP), as Hugging Face's `LlamaDecoderLayer`."""
+
+    routed = False
+
+    def __init__(self, cfg: ModelConfig, layer_id: int) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def delta(self, x: torch.Tensor, cos, sin, cache=None) -> torch.Tensor:
+        """f(x): what the block adds to the residual stream, (B, T, D) -> (B, T, D)."""
+        a = self.self_attn(self.input_layernorm(x), cos, sin, cache)
+        return a + self.mlp(self.post_attention_layernorm(x + a))
+
+    def forward(self, x: torch.Tensor, rope: RotaryEmbedding, position_ids, *, cache=None, **_) -> tuple:
+        cos, sin = rope(position_ids)
+        slot = cache.dense_slot(self.layer_id) if cache is not None else None
+        return x + self.delta(x, cos, sin, slot), None

@@ -1,0 +1,256 @@
+"""The Mixture-of-Depths language model: embeddings, a stack of dense and routed blocks, LM head.
+
+`MoDTransformer.forward` returns a `ModelOutput` with the logits, the total training loss (LM
+loss plus the weighted router losses), each loss on its own, and routing statistics per routed
+layer. Routed layers follow `mixdepth.model.mod`; dense layers are plain Llama blocks.
+
+Dimensions: B batch, T tokens, D model width, V vocabulary, R routed layers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import MODES, ModelConfig
+from ..kvcache import KVCache
+from .layers import Block, Linear, RMSNorm, RotaryEmbedding
+from .mod import N_QUANTILES, MoDBlock
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor
+    """(B, T, V) logits (or (B, 1, V) with `last_only`)."""
+    loss: torch.Tensor | None = None
+    """Training objective: lm_loss + weighted aux, predictor and balance losses."""
+    lm_loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+    """Mean over routed layers of the router BCE against top-k membership."""
+    predictor_loss: torch.Tensor | None = None
+    """Mean over routed layers of the predictor BCE (touches only the predictors)."""
+    balance_loss: torch.Tensor | None = None
+    """Mean over routed layers of the token-choice balancing loss."""
+    routed_frac: torch.Tensor | None = None
+    """(R,) fraction of tokens that entered each routed layer's block."""
+    causal_acc: torch.Tensor | None = None
+    """(R,) agreement of the causal decision with top-k membership, per routed layer."""
+    routing: dict[int, torch.Tensor] = field(default_factory=dict)
+    """layer id -> (B, T) bool, which tokens entered the block (with `return_routing`)."""
+    scores: dict[int, torch.Tensor] = field(default_factory=dict)
+    """layer id -> (B, T) causal scores (with `return_scores`)."""
+
+
+def _mean(xs: list[torch.Tensor]) -> torch.Tensor | None:
+    return torch.stack(xs).mean() if xs else None
+
+
+class MoDTransformer(nn.Module):
+    """Decoder-only LM with Mixture-of-Depths routing; module names follow HF's Llama."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(
+            MoDBlock(cfg, i) if cfg.routing.is_routed(i, cfg.n_layers) else Block(cfg, i)
+            for i in range(cfg.n_layers)
+        )
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = Linear(cfg.dim, cfg.vocab_size)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.kv_cache: KVCache | None = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.n_layers)
+        for name, m in self.named_modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=out_std if name.endswith(("o_proj", "down_proj")) else std)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, RMSNorm):
+                nn.init.ones_(m.weight)
+            elif hasattr(m, "reset_parameters") and m is not self and not list(m.children()):
+                m.reset_parameters()
+
+    @property
+    def routed_layers(self) -> list[MoDBlock]:
+        return [layer for layer in self.layers if layer.routed]
+
+    @property
+    def can_decode_causally(self) -> bool:
+        """False for routers with no causal rule (random); `generate` refuses those."""
+        return all(layer.router.can_decode_causally for layer in self.routed_layers)
+
+    # ---- KV cache -----------------------------------------------------------------------------
+    def setup_cache(self, batch_size: int, max_seq_len: int | None = None, dtype=None, device=None,
+                    routed_fraction: float | None = None) -> KVCache:
+        p = self.embed_tokens.weight
+        self.kv_cache = KVCache(
+            self.cfg, batch_size, max_seq_len or self.cfg.max_seq_len, dtype or p.dtype, device or p.device,
+            routed_fraction,
+        )
+        return self.kv_cache
+
+    def reset_cache(self) -> None:
+        if self.kv_cache is not None:
+            self.kv_cache.reset()
+
+    # ---- forward ------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        mode: str | None = None,
+        input_pos: torch.Tensor | None = None,
+        valid_lengths: torch.Tensor | None = None,
+        last_only: bool = False,
+        return_routing: bool = False,
+        return_scores: bool = False,
+    ) -> ModelOutput:
+        """Run the model.
+
+        Args:
+            input_ids: (B, T) token ids.
+            targets: (B, T) next-token ids (-100 to ignore); gives `loss` and `lm_loss`.
+            mode: `topk`, `causal` or `dense`; defaults to the config's `routing.mode`.
+            input_pos: (B,) host tensor of each row's start position; runs against the KV cache
+                (`setup_cache` first) and must equal the tokens the cache already holds.
+            valid_lengths: (B,) host tensor, real tokens per row (the rest right padding).
+            last_only: return logits only at each row's last real token, (B, 1, V).
+            return_routing: fill `routing` with the per-layer chosen masks.
+            return_scores: fill `scores` with the per-layer causal scores.
+        """
+        cfg = self.cfg
+        mode = mode or cfg.routing.mode
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, tokens), got shape {tuple(input_ids.shape)}")
+        B, T = input_ids.shape
+        if T == 0:
+            raise ValueError("input_ids is empty")
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= cfg.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"token id {bad} out of range for vocab_size {cfg.vocab_size}")
+        dev = input_ids.device
+        cache = None
+        valid = None
+        if valid_lengths is not None:
+            valid_lengths = torch.as_tensor(valid_lengths, dtype=torch.long).cpu()
+            valid = torch.arange(T, device=dev) < valid_lengths.to(dev)[:, None]  # (B, T)
+        if input_pos is not None:
+            cache = self.kv_cache
+            if cache is None:
+                raise ValueError("forward got input_pos but the model has no KV cache: call setup_cache() first")
+            if mode == "topk":
+                raise ValueError("topk routing reads future tokens and cannot decode with a KV cache; use causal")
+            input_pos = torch.as_tensor(input_pos, dtype=torch.long).cpu()
+            if input_pos.shape != (cache.batch_size,) or not torch.equal(input_pos, cache.seq_lengths):
+                raise ValueError(
+                    f"input_pos {input_pos.tolist()} does not match the tokens in the cache "
+                    f"{cache.seq_lengths.tolist()} (reset_cache() to start over)"
+                )
+            end = int((input_pos + T).max())
+            if end > cache.max_seq_len:
+                raise ValueError(f"sequence of {end} tokens exceeds the cache's max_seq_len ({cache.max_seq_len})")
+            position_ids = input_pos.to(dev)[:, None] + torch.arange(T, device=dev)  # (B, T)
+            cache.begin(valid_lengths if valid_lengths is not None else torch.full((B,), T))
+        else:
+            if T > cfg.max_seq_len:
+                raise ValueError(f"sequence of {T} tokens exceeds model.max_seq_len ({cfg.max_seq_len})")
+            position_ids = torch.arange(T, device=dev)[None]  # (1, T)
+
+        x = self.embed_tokens(input_ids)  # (B, T, D)
+        infos: list[tuple[int, dict]] = []
+        for layer in self.layers:
+            if layer.routed:
+                x, info = layer(x, self.rope, position_ids, mode=mode, cache=cache, valid=valid,
+                                want_scores=return_scores)
+                infos.append((layer.layer_id, info))
+            else:
+                x, _ = layer(x, self.rope, position_ids, cache=cache)
+        if cache is not None:
+            cache.end()
+        x = self.norm(x)
+        if last_only:
+            last = (valid_lengths - 1 if valid_lengths is not None else torch.full((B,), T - 1)).to(dev)
+            x = x[torch.arange(B, device=dev), last][:, None]  # (B, 1, D)
+        logits = self.lm_head(x)  # (B, T, V)
+        out = ModelOutput(logits=logits)
+        self._collect(out, infos, return_routing, return_scores)
+        if targets is not None:
+            out.lm_loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1),
+                                          ignore_index=-100)
+            rc = cfg.routing
+            loss = out.lm_loss
+            if out.aux_loss is not None:
+                loss = loss + rc.aux_loss_weight * out.aux_loss
+            if out.predictor_loss is not None:
+                loss = loss + rc.predictor_loss_weight * out.predictor_loss
+            if out.balance_loss is not None:
+                loss = loss + rc.balance_loss_weight * out.balance_loss
+            out.loss = loss
+        return out
+
+    @staticmethod
+    def _collect(out: ModelOutput, infos, return_routing: bool, return_scores: bool) -> None:
+        def gather(key):
+            return [info[key] for _, info in infos if key in info]
+
+        out.aux_loss = _mean(gather("aux_loss"))
+        out.predictor_loss = _mean(gather("predictor_loss"))
+        out.balance_loss = _mean(gather("balance_loss"))
+        fr = gather("frac")
+        out.routed_frac = torch.stack(fr).detach() if fr else None
+        acc = gather("causal_acc")
+        out.causal_acc = torch.stack(acc).detach() if acc and len(acc) == len(infos) else None
+        if return_routing:
+            out.routing = {i: info["chosen"] for i, info in infos}
+        if return_scores:
+            out.scores = {i: info["score"] for i, info in infos if "score" in info}
+
+    # ---- calibration of the causal decision --------------------------------------------------
+    @torch.no_grad()
+    def calibrate_causal(self, input_ids: torch.Tensor, fraction: float | None = None) -> list[float]:
+        """Set each routed layer's causal threshold so that `fraction` (default: the capacity) of
+        the tokens of `input_ids` enter its block when decoding causally.
+
+        Layers are calibrated in order, each under the already calibrated layers before it, since
+        an earlier layer's decisions change what a later layer sees. The score quantiles are kept
+        in the `score_quantiles` buffers (saved with the weights), so `set_causal_fraction` can
+        later move the operating point without data.
+
+        Returns the thresholds, one per routed layer.
+        """
+        fraction = self.cfg.routing.capacity if fraction is None else fraction
+        qs = torch.linspace(0, 1, N_QUANTILES, device=input_ids.device)
+        for layer in self.routed_layers:
+            out = self(input_ids, mode="causal", return_scores=True)
+            s = out.scores[layer.layer_id].flatten().float()
+            if s.numel() > 1_000_000:  # torch.quantile's input limit; a strided sample suffices
+                s = s[:: math.ceil(s.numel() / 1_000_000)]
+            layer.score_quantiles.copy_(torch.quantile(s, qs))
+            layer.set_causal_fraction(fraction)
+        return [float(layer.causal_threshold) for layer in self.routed_layers]
+
+    def set_causal_fraction(self, fraction: float) -> None:
+        """Move every routed layer's causal threshold to route `fraction` of the tokens."""
+        for layer in self.routed_layers:
+            layer.set_causal_fraction(fraction)
+
+    def num_params(self, exclude_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embedding:
+            n -= self.embed_tokens.weight.numel()
+        return n
