@@ -1,6 +1,6 @@
 """Model code: single-device, never imports torch.distributed (parallelism is applied from outside)."""
 
-from .layers import Attention, Block, Linear, MLP, RMSNorm, RotaryEmbedding, apply_rope, attention_reference
+from .layers import MLP, Attention, Block, Linear, RMSNorm, RotaryEmbedding, apply_rope, attention_reference
 from .mod import MoDBlock
 from .routers import ExpertChoiceRouter, Predictor, RandomRouter, TokenChoiceRouter
 from .transformer import ModelOutput, MoDTransformer

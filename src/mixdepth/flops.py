@@ -1,0 +1,193 @@
+"""Analytic FLOP, parameter and KV-byte accounting for any `ModelConfig` (paper section 3.3).
+
+Conventions (checked against `torch.utils.flop_counter.FlopCounterMode` in the tests):
+- A matmul of (m x n) by (n x p) costs 2*m*n*p FLOPs. Only matmuls are counted: the embedding
+  lookup, norms, activations, softmax, RoPE, gather/scatter and top-k are excluded.
+- Attention counts the full T x S score matrix (QK^T and AV), causal or not: this is what
+  `FlopCounterMode` reports under the math SDPA backend. A causal kernel that skips the masked
+  half does less work than this count.
+- A routed layer counts k = ceil(C*T) tokens through its block and k^2 attention, plus its
+  router (2*D*T) and predictor on all T tokens.
+- A training step is forward + backward = 3x the forward, less the input gradient of the
+  predictor's first layer, which is never computed (its input is detached).
+- Decoding counts the expected cost per token at a context length, with a routed layer's block
+  run for a fraction f (default: the capacity) of tokens and attending over f of the context.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from .config import ModelConfig
+
+
+def _block_matmul_params(cfg: ModelConfig) -> int:
+    """Weights of one block's matmuls (q, k, v, o projections and the three MLP matrices)."""
+    q = cfg.n_heads * cfg.head_dim
+    kv = cfg.n_kv_heads * cfg.head_dim
+    return cfg.dim * q + 2 * cfg.dim * kv + q * cfg.dim + 3 * cfg.dim * cfg.ffn_dim
+
+
+def _predictor_hidden(cfg: ModelConfig) -> int:
+    return cfg.routing.predictor_hidden or max(1, cfg.dim // 8)
+
+
+def _router_flops_per_token(cfg: ModelConfig) -> tuple[int, int]:
+    """(router, predictor) forward FLOPs per token of one routed layer."""
+    r = cfg.routing.router
+    if r == "expert_choice":
+        h = _predictor_hidden(cfg)
+        return 2 * cfg.dim, 2 * (cfg.dim * h + h)
+    if r == "token_choice":
+        return 4 * cfg.dim, 0
+    return 0, 0
+
+
+def param_counts(cfg: ModelConfig) -> dict[str, int]:
+    """Parameter counts by part. `total` counts a tied embedding once."""
+    block = _block_matmul_params(cfg) + 2 * cfg.dim  # + two RMSNorm weights
+    n_routed = len(cfg.routed_layer_ids)
+    rkind = cfg.routing.router
+    router = {"expert_choice": cfg.dim, "token_choice": 2 * cfg.dim}.get(rkind, 0)
+    h = _predictor_hidden(cfg)
+    predictor = (cfg.dim * h + h + h + 1) if rkind == "expert_choice" else 0
+    embedding = cfg.vocab_size * cfg.dim
+    head = 0 if cfg.tie_embeddings else embedding
+    total = embedding + head + cfg.n_layers * block + cfg.dim + n_routed * (router + predictor)
+    return {
+        "total": total,
+        "embedding": embedding,
+        "lm_head": head,
+        "blocks": cfg.n_layers * block,
+        "routers": n_routed * router,
+        "predictors": n_routed * predictor,
+        "non_embedding": total - embedding,
+    }
+
+
+def _attn_flops(cfg: ModelConfig, t: float, s: float) -> float:
+    """QK^T and AV for t queries over s keys, all heads."""
+    return 4 * t * s * cfg.n_heads * cfg.head_dim
+
+
+def forward_flops(cfg: ModelConfig, seq_len: int, batch_size: int = 1, *, mode: str = "topk",
+                  routed_fraction: float | None = None) -> float:
+    """FLOPs of one forward pass over `batch_size` sequences of `seq_len` tokens.
+
+    In `topk` mode a routed layer runs k = ceil(C*T) tokens; in `dense` mode all T; in `causal`
+    mode the expected `routed_fraction` (default: the capacity) of them.
+    """
+    T = seq_len
+    pm = _block_matmul_params(cfg)
+    dense_layer = 2 * T * pm + _attn_flops(cfg, T, T)
+    routed = set(cfg.routed_layer_ids)
+    total = 0.0
+    for i in range(cfg.n_layers):
+        if i not in routed:
+            total += dense_layer
+            continue
+        if mode == "dense":
+            k = T
+        elif mode == "causal":
+            k = T * (cfg.routing.capacity if routed_fraction is None else routed_fraction)
+        else:
+            k = cfg.routing.k(T)
+        r, p = _router_flops_per_token(cfg)
+        total += 2 * k * pm + _attn_flops(cfg, k, k) + T * (r + p)
+    total += 2 * T * cfg.dim * cfg.vocab_size  # lm_head
+    return batch_size * total
+
+
+def train_step_flops(cfg: ModelConfig, seq_len: int, batch_size: int = 1) -> float:
+    """FLOPs of one training step (forward + backward) on `batch_size` x `seq_len` tokens."""
+    fwd = forward_flops(cfg, seq_len, batch_size)
+    # the predictor's first layer gets no input gradient: its input is detached
+    no_input_grad = 0
+    if cfg.routing.router == "expert_choice":
+        no_input_grad = 2 * cfg.dim * _predictor_hidden(cfg) * seq_len * len(cfg.routed_layer_ids)
+    return 3 * fwd - batch_size * no_input_grad
+
+
+def decode_flops_per_token(cfg: ModelConfig, context_len: int, routed_fraction: float | None = None) -> float:
+    """Expected FLOPs to generate one token with `context_len` tokens already cached."""
+    f = cfg.routing.capacity if routed_fraction is None else routed_fraction
+    pm = _block_matmul_params(cfg)
+    routed = set(cfg.routed_layer_ids)
+    r, p = _router_flops_per_token(cfg)
+    total = 2 * cfg.dim * cfg.vocab_size
+    for i in range(cfg.n_layers):
+        if i in routed:
+            total += r + p + f * (2 * pm + _attn_flops(cfg, 1, f * context_len + 1))
+        else:
+            total += 2 * pm + _attn_flops(cfg, 1, context_len + 1)
+    return total
+
+
+def kv_bytes_per_token(cfg: ModelConfig, dtype_bytes: int = 4, routed_fraction: float | None = None) -> float:
+    """Expected bytes of keys and values cached per token (all layers)."""
+    f = cfg.routing.capacity if routed_fraction is None else routed_fraction
+    per_layer = 2 * cfg.n_kv_heads * cfg.head_dim * dtype_bytes
+    n_routed = len(cfg.routed_layer_ids)
+    return per_layer * ((cfg.n_layers - n_routed) + f * n_routed)
+
+
+def dense_twin(cfg: ModelConfig) -> ModelConfig:
+    """The dense baseline at the same dimensions (no routers)."""
+    return dataclasses.replace(cfg, routing=dataclasses.replace(cfg.routing, router="none"))
+
+
+def ideal_speedup(cfg: ModelConfig, seq_len: int, kind: str = "train", context_len: int = 0) -> float:
+    """Dense FLOPs / MoD FLOPs: the speed-up a perfectly efficient implementation would show."""
+    dense = dense_twin(cfg)
+    if kind == "train":
+        return train_step_flops(dense, seq_len) / train_step_flops(cfg, seq_len)
+    if kind == "prefill":
+        return forward_flops(dense, seq_len) / forward_flops(cfg, seq_len)
+    if kind == "decode":
+        return decode_flops_per_token(dense, context_len) / decode_flops_per_token(cfg, context_len)
+    raise ValueError(f"kind must be train, prefill or decode, got {kind!r}")
+
+
+def steps_for_budget(cfg: ModelConfig, flop_budget: float, seq_len: int, batch_size: int) -> int:
+    """Training steps of `batch_size` x `seq_len` tokens that fit in `flop_budget` FLOPs (isoFLOP)."""
+    if flop_budget <= 0:
+        raise ValueError(f"FLOP budget must be > 0, got {flop_budget}")
+    return max(1, math.floor(flop_budget / train_step_flops(cfg, seq_len, batch_size)))
+
+
+def flops_table(cfg: ModelConfig, seq_len: int, batch_size: int = 1, context_len: int | None = None) -> list[dict]:
+    """Rows comparing `cfg` with its dense twin, for `mixdepth flops`."""
+    context_len = seq_len if context_len is None else context_len
+    rows = []
+    for name, c in (("dense", dense_twin(cfg)), (cfg.routing.router, cfg)):
+        p = param_counts(c)
+        rows.append({
+            "model": name,
+            "params": p["total"],
+            "fwd_flops_per_seq": forward_flops(c, seq_len),
+            "train_flops_per_step": train_step_flops(c, seq_len, batch_size),
+            "decode_flops_per_token": decode_flops_per_token(c, context_len),
+            "kv_bytes_per_token_fp32": kv_bytes_per_token(c, 4),
+        })
+    base = rows[0]
+    for r in rows:
+        r["train_ratio_vs_dense"] = r["train_flops_per_step"] / base["train_flops_per_step"]
+        r["decode_ratio_vs_dense"] = r["decode_flops_per_token"] / base["decode_flops_per_token"]
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    cols = list(rows[0])
+
+    def fmt(v):
+        if isinstance(v, str):
+            return v
+        if isinstance(v, float) and v < 10:
+            return f"{v:.3f}"
+        return f"{v:.4g}" if isinstance(v, float) else f"{v:,}"
+
+    cells = [[c for c in cols]] + [[fmt(r[c]) for c in cols] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
+    lines = ["  ".join(s.rjust(w) for s, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
