@@ -1,0 +1,48 @@
+"""Shared fixtures: a clean, seeded, fp32 world for every test, and a tiny-config factory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mixdepth.config import ModelConfig
+
+
+@pytest.fixture(autouse=True)
+def _clean_torch_state():
+    """Seed torch, keep fp32 as the default dtype and TF32 off, and restore all three afterwards.
+
+    A test that changes the default dtype (e.g. to check bf16 paths) must not leak it into the
+    next test, whose tolerances assume fp32.
+    """
+    dtype = torch.get_default_dtype()
+    matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
+    cudnn_tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.manual_seed(0)
+    yield
+    torch.set_default_dtype(dtype)
+    torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
+    torch.backends.cudnn.allow_tf32 = cudnn_tf32
+
+
+@pytest.fixture
+def debug_cfg():
+    """Factory: `debug_cfg(**overrides)` builds the `debug` preset with model and routing overrides.
+
+    Routing fields may be given flat (`capacity=0.5`) or as `routing=dict(...)`; a flat name that is
+    a routing field goes to the routing config, everything else to the model config.
+    """
+    from mixdepth.config import RoutingConfig
+
+    routing_fields = set(RoutingConfig.__dataclass_fields__)
+
+    def make(**overrides) -> ModelConfig:
+        routing = dict(overrides.pop("routing", {}) or {})
+        for name in list(overrides):
+            if name in routing_fields:
+                routing[name] = overrides.pop(name)
+        return ModelConfig.from_name("debug", routing=routing, **overrides)
+
+    return make
