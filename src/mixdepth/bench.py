@@ -1,0 +1,317 @@
+"""Speed and memory of MoD against dense at the same dimensions, measured in one process.
+
+Every case builds the MoD model and its dense twin (same dimensions, `router="none"`), warms both
+up, then times them in alternation (dense, MoD, dense, MoD, ...) so drifts in machine speed hit
+both alike, and reports the median. Each record carries the ideal ratio from `mixdepth.flops` and
+the efficiency (measured ratio / ideal ratio).
+
+Cases:
+- `train`: forward + backward + AdamW step on `batch x seq_len` tokens (`topk` routing).
+- `prefill`: a forward pass without gradients on the same tokens (`topk` routing).
+- `decode-bN`: one-token decode steps with N rows and `context` tokens already cached, causal
+  routing with the threshold calibrated so that `capacity` of the tokens route.
+- `memory`: bytes of activations saved for the backward pass of one training step, and bytes of
+  KV cache in use after a decode run (device independent: counted, not sampled).
+
+Weights are random: speed does not depend on their values, only on how many tokens route, which
+the calibration fixes (the measured fraction is part of each decode record).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from . import flops
+from .config import ModelConfig
+
+log = logging.getLogger("mixdepth")
+
+# dense bf16 peak FLOP/s by device name fragment, for MFU (nanochat/torchtitan style)
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timeit(fn: Callable[[], None], device: torch.device) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def _alternate(fns: dict[str, Callable[[], None]], device, warmup: int, iters: int) -> dict[str, float]:
+    """Median seconds per call of each fn, timed in alternation after `warmup` calls each."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(iters):
+        for k, fn in fns.items():
+            times[k].append(_timeit(fn, device))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def build_pair(cfg: ModelConfig, device, dtype, seed: int = 0):
+    """The MoD model and its dense twin, with the same weights where they share names."""
+    from .model import MoDTransformer
+
+    torch.manual_seed(seed)
+    mod = MoDTransformer(cfg).to(device=device, dtype=dtype)
+    dense = MoDTransformer(flops.dense_twin(cfg)).to(device=device, dtype=dtype)
+    dense.load_state_dict(mod.state_dict(), strict=False)
+    return dense, mod
+
+
+def _settings(cfg: ModelConfig, **kw) -> dict:
+    r = cfg.routing
+    return dict(dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads, ffn_dim=cfg.ffn_dim, vocab=cfg.vocab_size,
+                router=r.router, capacity=r.capacity, routed_layers=cfg.routed_layer_ids, **kw)
+
+
+def _record(case: str, dense_s: float, mod_s: float, tokens: int, ideal: float, **extra) -> dict:
+    ratio = dense_s / mod_s
+    rec = dict(case=case, dense_tok_s=tokens / dense_s, mod_tok_s=tokens / mod_s, dense_step_s=dense_s,
+               mod_step_s=mod_s, ratio=ratio, ideal_ratio=ideal, efficiency=ratio / ideal)
+    rec.update(extra)
+    return rec
+
+
+def bench_train(cfg: ModelConfig, batch_size: int, seq_len: int, *, device, dtype, warmup=1, iters=3,
+                compile=False) -> dict:
+    dense, mod = build_pair(cfg, device, dtype)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, cfg.vocab_size, (batch_size, seq_len + 1), generator=g).to(device)
+    inp, tgt = x[:, :-1], x[:, 1:]
+
+    def make_step(model):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda" or None)
+        fwd = torch.compile(model) if compile else model
+
+        def step():
+            loss = fwd(inp, tgt, mode="topk").loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        return step
+
+    t = _alternate({"dense": make_step(dense), "mod": make_step(mod)}, device, warmup, iters)
+    ideal = flops.ideal_speedup(cfg, seq_len, "train")
+    rec = _record("train", t["dense"], t["mod"], batch_size * seq_len, ideal,
+                  settings=_settings(cfg, batch_size=batch_size, seq_len=seq_len, dtype=str(dtype), compile=compile))
+    pk = peak_flops(device)
+    if pk:
+        rec["mfu_dense"] = flops.train_step_flops(flops.dense_twin(cfg), seq_len, batch_size) / t["dense"] / pk
+        rec["mfu_mod"] = flops.train_step_flops(cfg, seq_len, batch_size) / t["mod"] / pk
+    return rec
+
+
+@torch.no_grad()
+def bench_prefill(cfg: ModelConfig, batch_size: int, seq_len: int, *, device, dtype, warmup=1, iters=5,
+                  compile=False) -> dict:
+    dense, mod = build_pair(cfg, device, dtype)
+    x = torch.randint(0, cfg.vocab_size, (batch_size, seq_len), generator=torch.Generator().manual_seed(0)).to(device)
+    fns = {}
+    for name, m in (("dense", dense), ("mod", mod)):
+        f = torch.compile(m) if compile else m
+        fns[name] = lambda f=f: f(x, mode="topk")
+    t = _alternate(fns, device, warmup, iters)
+    return _record("prefill", t["dense"], t["mod"], batch_size * seq_len, flops.ideal_speedup(cfg, seq_len, "prefill"),
+                   settings=_settings(cfg, batch_size=batch_size, seq_len=seq_len, dtype=str(dtype)))
+
+
+@torch.no_grad()
+def bench_decode(cfg: ModelConfig, batch_size: int, context: int, new_tokens: int, *, device, dtype,
+                 rounds: int = 3) -> dict:
+    """Decode `new_tokens` steps after a `context`-token prefill; median over `rounds` alternations."""
+    dense, mod = build_pair(cfg, device, dtype)
+    g = torch.Generator().manual_seed(1)
+    calib = torch.randint(0, cfg.vocab_size, (8, min(context, cfg.max_seq_len)), generator=g).to(device)
+    mod.calibrate_causal(calib, cfg.routing.capacity)
+    # Decode steps are fed a fixed random token stream (teacher forcing) rather than the argmax of a
+    # random model, whose greedy output degenerates into repeats: the routed fraction then matches
+    # the calibration (measured and reported below). The argmax is still computed, as in sampling.
+    stream = torch.randint(0, cfg.vocab_size, (batch_size, context + new_tokens), generator=g).to(device)
+    prompt = stream[:, :context]
+    S = context + new_tokens
+    for m in (dense, mod):
+        m.setup_cache(batch_size, S, dtype=dtype, device=device)
+
+    def run(m) -> float:
+        m.reset_cache()
+        B = batch_size
+        m(prompt, mode="causal", input_pos=torch.zeros(B, dtype=torch.long), last_only=True)
+        _sync(device)
+        t0 = time.perf_counter()
+        for i in range(new_tokens):
+            out = m(stream[:, context + i : context + i + 1], mode="causal",
+                    input_pos=torch.full((B,), context + i, dtype=torch.long))
+            out.logits[:, -1].argmax(-1)
+        _sync(device)
+        return time.perf_counter() - t0
+
+    run(dense), run(mod)  # warm-up
+    times: dict[str, list[float]] = {"dense": [], "mod": []}
+    for _ in range(rounds):
+        times["dense"].append(run(dense))
+        times["mod"].append(run(mod))
+    td, tm = statistics.median(times["dense"]), statistics.median(times["mod"])
+    cache, dense_cache = mod.kv_cache, dense.kv_cache
+    kv_ratio = cache.bytes_in_use() / dense_cache.bytes_in_use()
+    kv_alloc = cache.bytes_allocated() / dense_cache.bytes_allocated()
+    decoded = batch_size * new_tokens
+    n_routed = len(cfg.routed_layer_ids)
+    routed = sum(int(c.sum()) for c in cache.routed_counts().values())
+    # fraction routed among the decoded tokens only (the prefill is not timed)
+    prefill_routed = sum(int(c.sum()) for c in _prefill_counts(mod, prompt).values())
+    frac_decode = (routed - prefill_routed) / (n_routed * decoded)
+    ctx = context + new_tokens // 2
+    ideal = flops.decode_flops_per_token(flops.dense_twin(cfg), ctx) / \
+        flops.decode_flops_per_token(cfg, ctx, routed_fraction=frac_decode)
+    return _record(
+        f"decode-b{batch_size}", td, tm, decoded, ideal, kv_bytes_ratio=kv_ratio, kv_alloc_ratio=kv_alloc,
+        routed_frac_decode=frac_decode,
+        settings=_settings(cfg, batch_size=batch_size, context=context, new_tokens=new_tokens, dtype=str(dtype)),
+    )
+
+
+def _prefill_counts(model, prompt) -> dict[int, torch.Tensor]:
+    """Tokens of the prompt that each routed layer cached (re-runs the prefill on a fresh cache)."""
+    model.reset_cache()
+    model(prompt, mode="causal", input_pos=torch.zeros(prompt.shape[0], dtype=torch.long), last_only=True)
+    counts = model.kv_cache.routed_counts()
+    model.reset_cache()
+    return counts
+
+
+def bench_memory(cfg: ModelConfig, batch_size: int, seq_len: int, *, device, dtype) -> dict:
+    """Activation bytes saved for backward in one training step, MoD vs dense (counted by hooks)."""
+    dense, mod = build_pair(cfg, device, dtype)
+    x = torch.randint(0, cfg.vocab_size, (batch_size, seq_len + 1), generator=torch.Generator().manual_seed(0))
+    x = x.to(device)
+    res = {}
+    for name, m in (("dense", dense), ("mod", mod)):
+        seen: dict[int, int] = {}
+
+        def pack(t, seen=seen):
+            # count each storage once (views of one tensor share it)
+            try:
+                key = t.untyped_storage().data_ptr()
+                seen[key] = max(seen.get(key, 0), t.untyped_storage().nbytes())
+            except (RuntimeError, NotImplementedError):
+                pass
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = m(x[:, :-1], x[:, 1:], mode="topk").loss
+        params = {p.untyped_storage().data_ptr() for p in m.parameters()}
+        res[name] = sum(v for k, v in seen.items() if k not in params)
+        loss.backward()
+    rec = dict(case="memory", dense_activation_bytes=res["dense"], mod_activation_bytes=res["mod"],
+               activation_ratio=res["mod"] / res["dense"],
+               settings=_settings(cfg, batch_size=batch_size, seq_len=seq_len, dtype=str(dtype)))
+    if device.type == "cuda":
+        for name, m in (("dense", dense), ("mod", mod)):
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+            m(x[:, :-1], x[:, 1:], mode="topk").loss.backward()
+            rec[f"{name}_peak_bytes"] = torch.cuda.max_memory_allocated(device) - base
+        rec["peak_ratio"] = rec["mod_peak_bytes"] / rec["dense_peak_bytes"]
+    return rec
+
+
+# ---- CLI ------------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .cli import add_model_args
+
+    parser.add_argument("what", nargs="?", default="all", choices=["train", "prefill", "decode", "memory", "all"],
+                        help="which benchmark to run (default: all)")
+    add_model_args(parser, default_preset="bench")
+    parser.add_argument("--batch-size", type=int, default=4, help="sequences per step for train/prefill/memory")
+    parser.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence for train/prefill/memory")
+    parser.add_argument("--decode-batches", default="1,8,32", help="comma-separated decode batch sizes")
+    parser.add_argument("--context", type=int, default=512, help="tokens in the cache before decoding")
+    parser.add_argument("--new-tokens", type=int, default=32, help="decode steps timed per round")
+    parser.add_argument("--iters", type=int, default=3, help="timed iterations (rounds for decode) per model")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                        help="auto: bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the models (train and prefill)")
+    parser.add_argument("--json", default=None, metavar="FILE", help="write the records as a JSON list")
+
+
+def _fmt(rec: dict) -> str:
+    if rec["case"] == "memory":
+        s = f"{'memory':<10} activations saved for backward: dense {rec['dense_activation_bytes'] / 2**20:,.0f} MiB, " \
+            f"MoD {rec['mod_activation_bytes'] / 2**20:,.0f} MiB ({rec['activation_ratio']:.2f}x)"
+        if "peak_ratio" in rec:
+            s += f"; CUDA peak {rec['peak_ratio']:.2f}x"
+        return s
+    s = (f"{rec['case']:<10} {rec['dense_tok_s']:>12,.0f} {rec['mod_tok_s']:>12,.0f} {rec['ratio']:>7.2f}x "
+         f"{rec['ideal_ratio']:>7.2f}x {rec['efficiency']:>6.2f}")
+    if "kv_bytes_ratio" in rec:
+        s += f"   kv {rec['kv_bytes_ratio']:.2f}x (alloc {rec['kv_alloc_ratio']:.2f}x), " \
+             f"routed {rec['routed_frac_decode']:.3f}"
+    return s
+
+
+def run(args: argparse.Namespace) -> int:
+    from .cli import CLIError, model_config_from_args
+
+    cfg = model_config_from_args(args)
+    if cfg.routing.router == "none":
+        raise CLIError("bench compares a routed model with its dense twin: --routing.router must not be none")
+    dev = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if args.device == "auto" else args.device))
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(args.dtype) or \
+        (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    need = max(args.seq_len, args.context + args.new_tokens)
+    if need > cfg.max_seq_len:
+        cfg = ModelConfig.from_dict({**cfg.to_dict(), "max_seq_len": need})
+    batches = [int(b) for b in args.decode_batches.split(",") if b]
+    what = ["train", "prefill", "decode", "memory"] if args.what == "all" else [args.what]
+    dev_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else \
+        f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    print(f"device: {dev_name}; dtype {str(dtype).replace('torch.', '')}; torch {torch.__version__}")
+    print(f"model: dim={cfg.dim} layers={cfg.n_layers} heads={cfg.n_heads} ffn={cfg.ffn_dim} vocab={cfg.vocab_size}; "
+          f"router={cfg.routing.router} capacity={cfg.routing.capacity} routed layers={cfg.routed_layer_ids}")
+    print(f"{'case':<10} {'dense tok/s':>12} {'MoD tok/s':>12} {'ratio':>8} {'ideal':>8} {'eff.':>6}")
+    records = []
+    kw = dict(device=dev, dtype=dtype)
+    for w in what:
+        if w == "train":
+            recs = [bench_train(cfg, args.batch_size, args.seq_len, iters=args.iters, compile=args.compile, **kw)]
+        elif w == "prefill":
+            recs = [bench_prefill(cfg, args.batch_size, args.seq_len, iters=max(args.iters, 3), compile=args.compile,
+                                  **kw)]
+        elif w == "decode":
+            recs = [bench_decode(cfg, b, args.context, args.new_tokens, rounds=args.iters, **kw) for b in batches]
+        else:
+            recs = [bench_memory(cfg, args.batch_size, args.seq_len, **kw)]
+        for r in recs:
+            r["device"] = dev_name
+            print(_fmt(r), flush=True)
+        records += recs
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(records, f, indent=2)
+    return 0
