@@ -1,0 +1,357 @@
+"""Checkpoints: a folder of safetensors + JSON, written atomically; loading never unpickles.
+
+A checkpoint folder (`<run>/checkpoints/step-000123/`) holds:
+- `config.json`: the `ModelConfig` as a dict;
+- `model.safetensors`: the state dict (the tied `lm_head.weight` is dropped and re-tied on load,
+  since safetensors refuses tensors that share memory);
+- `optimizer.safetensors` + `optimizer.json`: AdamW's per-parameter tensors, flattened to
+  `state.<param index>.<name>`, and its param groups and parameter names;
+- `trainer.json`: step, tokens, FLOPs, data cursor and RNG states (as lists);
+- the tokenizer files (`tokenizer.json` for BPE, `tokenizer_config.json` for bytes);
+- `manifest.json`, written last: every file's size, so a truncated file is named on load.
+
+Everything is written to `step-000123.tmp/`, fsynced, and renamed into place with `os.replace`;
+then `<run>/latest` (a one-line pointer file) is replaced the same way and old checkpoints beyond
+`keep_last` are removed. A crash at any moment leaves the previous checkpoint and pointer intact.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from .config import ModelConfig
+
+log = logging.getLogger("mixdepth")
+
+FORMAT = "mixdepth-checkpoint/1"
+_STEP_RE = re.compile(r"^step-(\d+)$")
+
+
+# ---- small file helpers ---------------------------------------------------------------------------
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # some platforms cannot open directories; the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    """Write JSON to `path` through a temporary file and `os.replace` (never a half-written file)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(obj, indent=1) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"checkpoint file missing: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"checkpoint file {path} is truncated or corrupt (not valid JSON: {e})") from None
+
+
+def _load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    if not path.exists():
+        raise ValueError(f"checkpoint file missing: {path}")
+    try:
+        tensors = load_file(path)
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"checkpoint file {path} is truncated or corrupt ({msg})") from None
+    return tensors, meta
+
+
+# ---- paths ----------------------------------------------------------------------------------------
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Finished checkpoint folders of a run, oldest first (temporary `.tmp` folders excluded)."""
+    d = Path(run_dir) / "checkpoints"
+    if not d.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in d.iterdir() if p.is_dir() and (m := _STEP_RE.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder from a checkpoint folder or a run folder (its `latest` pointer).
+
+    If the run's `latest` names a folder that no longer exists (deleted by hand), the newest
+    finished checkpoint is used.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise ValueError(f"checkpoint not found: {p}")
+    if (p / "config.json").exists() or (p / "model.safetensors").exists():
+        return p
+    latest = p / "latest"
+    if latest.is_file():
+        target = p / latest.read_text().strip()
+        if (target / "config.json").exists() or (target / "model.safetensors").exists():
+            return target
+    found = list_checkpoints(p)
+    if found:
+        return found[-1]
+    raise ValueError(f"no checkpoint in {p} (expected a checkpoint folder with config.json, "
+                     "or a run folder with a `latest` pointer)")
+
+
+# ---- save -----------------------------------------------------------------------------------------
+def _model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    sd = model.state_dict()
+    cfg = getattr(model, "cfg", None)
+    if cfg is not None and cfg.tie_embeddings:
+        sd.pop("lm_head.weight", None)  # shares memory with embed_tokens.weight; re-tied on load
+    return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
+
+
+def _optimizer_payload(model: torch.nn.Module, optimizer: torch.optim.Optimizer
+                       ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for idx, st in sd["state"].items():
+        for key, val in st.items():
+            if torch.is_tensor(val):
+                tensors[f"state.{idx}.{key}"] = val.detach().to("cpu").contiguous()
+            else:
+                scalars[f"{idx}.{key}"] = val
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = []
+    for g_sd, g in zip(sd["param_groups"], optimizer.param_groups):
+        groups.append({k: (list(v) if isinstance(v, tuple) else v) for k, v in g_sd.items()}
+                      | {"param_names": [names.get(id(p), "?") for p in g["params"]]})
+    return tensors, {"type": type(optimizer).__name__, "param_groups": groups, "scalar_state": scalars}
+
+
+def _write_folder(tmp: Path, model, optimizer, trainer_state, tokenizer) -> None:
+    tmp.mkdir(parents=True)
+    written = []
+    cfg: ModelConfig = model.cfg
+    (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
+    written.append("config.json")
+    save_file(_model_tensors(model), tmp / "model.safetensors", metadata={"format": FORMAT})
+    written.append("model.safetensors")
+    if optimizer is not None:
+        tensors, info = _optimizer_payload(model, optimizer)
+        save_file(tensors, tmp / "optimizer.safetensors", metadata={"format": FORMAT})
+        (tmp / "optimizer.json").write_text(json.dumps(info, indent=1) + "\n")
+        written += ["optimizer.safetensors", "optimizer.json"]
+    if trainer_state is not None:
+        (tmp / "trainer.json").write_text(json.dumps(trainer_state) + "\n")
+        written.append("trainer.json")
+    if tokenizer is not None:
+        tokenizer.save(tmp)
+    files = sorted(p.name for p in tmp.iterdir() if p.is_file())
+    for name in files:
+        _fsync_file(tmp / name)
+    manifest = {"format": FORMAT, "files": {name: (tmp / name).stat().st_size for name in files}}
+    with open(tmp / "manifest.json", "w") as f:
+        f.write(json.dumps(manifest, indent=1) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(tmp)
+
+
+def save_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                    trainer_state: dict[str, Any] | None = None, tokenizer: Any = None, *,
+                    keep_last: int | None = None) -> Path:
+    """Write a checkpoint folder atomically, point `<run>/latest` at it, and prune old ones.
+
+    Args:
+        path: the checkpoint folder, e.g. `<run>/checkpoints/step-000123`. When its parent is
+            named `checkpoints`, the run folder's `latest` pointer is updated and pruning applies.
+        model: a `MoDTransformer` (its `cfg` is saved as `config.json`).
+        optimizer: saved flattened (safetensors + JSON) when given.
+        trainer_state: JSON-able dict (step, tokens, RNG states, ...) saved as `trainer.json`.
+        tokenizer: anything with `save(folder)`.
+        keep_last: keep this many newest checkpoints of the run (None or 0: keep all).
+
+    Returns:
+        The checkpoint folder.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)  # left by a crash mid-write: never a valid checkpoint
+    try:
+        _write_folder(tmp, model, optimizer, trainer_state, tokenizer)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if path.exists():  # re-saving a step (e.g. after a resume): move the old one aside first
+        old = path.with_name(path.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    if path.parent.name == "checkpoints":
+        run_dir = path.parent.parent
+        _write_pointer(run_dir / "latest", f"checkpoints/{path.name}")
+        if keep_last:
+            for old in list_checkpoints(run_dir)[:-keep_last]:
+                if old != path:
+                    shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def _write_pointer(path: Path, target: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(target + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+# ---- load -----------------------------------------------------------------------------------------
+def verify_checkpoint(path: str | Path) -> Path:
+    """Resolve `path` and check the files against `manifest.json` (sizes); returns the folder."""
+    ckpt = resolve_checkpoint(path)
+    mpath = ckpt / "manifest.json"
+    if mpath.exists():
+        manifest = _read_json(mpath)
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            raise ValueError(f"{mpath} is not a mixdepth checkpoint manifest (format {FORMAT} expected)")
+        for name, size in manifest.get("files", {}).items():
+            f = ckpt / name
+            if not f.exists():
+                raise ValueError(f"checkpoint file missing: {f}")
+            actual = f.stat().st_size
+            if actual != size:
+                raise ValueError(f"checkpoint file {f} is truncated or corrupt ({actual} bytes, {size} expected)")
+    return ckpt
+
+
+def load_config(path: str | Path) -> ModelConfig:
+    """The `ModelConfig` of a checkpoint (folder or run folder)."""
+    ckpt = resolve_checkpoint(path)
+    cpath = ckpt / "config.json"
+    data = _read_json(cpath)
+    try:
+        return ModelConfig.from_dict(data)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{cpath} is not a mixdepth model config ({str(e).splitlines()[0]})") from None
+
+
+def _load_weights(model: torch.nn.Module, ckpt: Path) -> None:
+    fpath = ckpt / "model.safetensors"
+    tensors, _ = _load_safetensors(fpath)
+    cfg = model.cfg
+    expected = set(model.state_dict())
+    if cfg.tie_embeddings:
+        expected.discard("lm_head.weight")
+        tensors.pop("lm_head.weight", None)
+    missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+    if missing or unexpected:
+        what = f"missing key {missing[0]}" if missing else f"unexpected key {unexpected[0]}"
+        raise ValueError(f"{fpath} does not match {ckpt / 'config.json'} ({what}); not a mixdepth checkpoint "
+                         "of this config")
+    sd = model.state_dict()
+    for k, v in tensors.items():
+        if sd[k].shape != v.shape:
+            raise ValueError(f"{fpath}: tensor {k} has shape {tuple(v.shape)}, config expects {tuple(sd[k].shape)}")
+    model.load_state_dict(tensors, strict=False)
+    if cfg.tie_embeddings:  # load_state_dict copies into the shared tensor, so the tie holds
+        assert model.lm_head.weight is model.embed_tokens.weight
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """Build a `MoDTransformer` from a checkpoint folder or a run folder (its `latest`).
+
+    Raises a one-line `ValueError` naming the file for a missing, truncated or foreign file.
+    """
+    from .model import MoDTransformer
+
+    ckpt = verify_checkpoint(path)
+    cfg = load_config(ckpt)
+    model = MoDTransformer(cfg)
+    _load_weights(model, ckpt)
+    return model.to(device).eval()
+
+
+def load_training_state(path: str | Path, model: torch.nn.Module,
+                        optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
+    """Load weights (and optimizer state) of a checkpoint into existing objects; returns trainer.json."""
+    ckpt = verify_checkpoint(path)
+    saved = load_config(ckpt)
+    if saved.to_dict() != model.cfg.to_dict():
+        diff = _first_difference(saved.to_dict(), model.cfg.to_dict())
+        raise ValueError(f"checkpoint {ckpt} was trained with a different model config ({diff}); "
+                         "resume with the same settings or use a new --out")
+    _load_weights(model, ckpt)
+    if optimizer is not None:
+        _load_optimizer(model, optimizer, ckpt)
+    tpath = ckpt / "trainer.json"
+    return _read_json(tpath) if tpath.exists() else {}
+
+
+def _first_difference(a: dict, b: dict, prefix: str = "") -> str:
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            d = _first_difference(va, vb, f"{prefix}{k}.")
+            if d:
+                return d
+        elif va != vb:
+            return f"{prefix}{k}: checkpoint {va!r}, now {vb!r}"
+    return ""
+
+
+def _load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ckpt: Path) -> None:
+    info = _read_json(ckpt / "optimizer.json")
+    tensors, _ = _load_safetensors(ckpt / "optimizer.safetensors")
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = info.get("param_groups", [])
+    now = [[names.get(id(p), "?") for p in g["params"]] for g in optimizer.param_groups]
+    if [g.get("param_names") for g in groups] != now:
+        raise ValueError(f"{ckpt / 'optimizer.json'} does not match the model's parameters (different config?)")
+    state: dict[int, dict[str, Any]] = {}
+    for key, val in tensors.items():
+        _, idx, name = key.split(".", 2)
+        state.setdefault(int(idx), {})[name] = val
+    for key, val in info.get("scalar_state", {}).items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = val
+    param_groups = []
+    for g in groups:
+        g = {k: v for k, v in g.items() if k != "param_names"}
+        if isinstance(g.get("betas"), list):
+            g["betas"] = tuple(g["betas"])
+        param_groups.append(g)
+    optimizer.load_state_dict({"state": state, "param_groups": param_groups})
