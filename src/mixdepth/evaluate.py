@@ -1,0 +1,168 @@
+"""Evaluation of a checkpoint: validation loss in `topk` mode (training-time routing) and in
+`causal` mode (the sampling-time decision), their gap, predictor accuracy and routed fractions.
+
+`topk` selects each routed layer's tokens from the whole sequence, so it reads future tokens;
+`causal` decides per token from its own prefix (router or predictor against a calibrated
+threshold), which is what sampling can do (paper section 3.5). The gap between the two losses is
+the price of sampling causally. Batches are fixed windows of the validation split
+(`TokenData.eval_offsets`), so two models are compared on the same tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import load_model, resolve_checkpoint, verify_checkpoint
+from .data import load_tokenizer, prepare_corpus
+
+log = logging.getLogger("mixdepth")
+
+
+@torch.no_grad()
+def token_losses(model, x: torch.Tensor, y: torch.Tensor, mode: str) -> tuple[torch.Tensor, Any]:
+    """Per-token cross-entropy (B, T) of `model` on `x` against `y` in `mode`, and the model output."""
+    out = model(x, y, mode=mode)
+    logits = out.logits.float()  # (B, T, V)
+    losses = F.cross_entropy(logits.transpose(1, 2), y, reduction="none")  # (B, T)
+    return losses, out
+
+
+def _mean_lists(rows: list[list[float]]) -> list[float]:
+    if not rows or not rows[0]:
+        return []
+    return [sum(r[i] for r in rows) / len(rows) for i in range(len(rows[0]))]
+
+
+@torch.no_grad()
+def run_eval(checkpoint: str | Path, *, data: str | None = None, batches: int = 20, seq_len: int | None = None,
+             batch_size: int = 8, device: str = "cpu", cache_dir: str | None = None) -> dict[str, Any]:
+    """Evaluate a checkpoint on fixed validation windows in `topk` and `causal` modes.
+
+    Args:
+        checkpoint: a checkpoint folder or a run folder (its latest checkpoint).
+        data: corpus ("shakespeare", a file or a folder); default: the one the run trained on.
+        batches: number of batches of `batch_size` windows.
+        seq_len: tokens per window; default: the training sequence length, else model.max_seq_len.
+        batch_size: windows per batch.
+        device: where to run ("cpu", "cuda", "auto").
+        cache_dir: cache of corpora and token files.
+
+    Returns:
+        dict with `loss_topk`, `ppl_topk`, `loss_causal`, `ppl_causal`, `causal_gap`
+        (loss_causal - loss_topk), `causal_acc`, `routed_frac_topk`, `routed_frac_causal` (lists
+        per routed layer), `tokens`, plus `checkpoint`, `router`, `capacity`, `note`. The causal
+        entries are None for routers with no causal rule (random).
+    """
+    if batches < 1 or batch_size < 1:
+        raise ValueError(f"batches and batch_size must be >= 1, got {batches} and {batch_size}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    ckpt = verify_checkpoint(checkpoint)
+    trainer = {}
+    if (ckpt / "trainer.json").exists():
+        trainer = json.loads((ckpt / "trainer.json").read_text())
+    source = data or trainer.get("data")
+    if not source:
+        raise ValueError(f"checkpoint {ckpt} does not say which corpus it trained on; pass --data")
+    model = load_model(ckpt, device)
+    cfg = model.cfg
+    T = seq_len or trainer.get("seq_len") or cfg.max_seq_len
+    if not 1 <= T <= cfg.max_seq_len:
+        raise ValueError(f"seq_len must be in [1, model.max_seq_len={cfg.max_seq_len}], got {T}")
+    tokens = prepare_corpus(source, load_tokenizer(ckpt), cache_dir)
+    tokens.check_fits(T, cfg.vocab_size)
+    starts = tokens.eval_offsets(T, batches * batch_size)
+
+    causal_ok = model.can_decode_causally
+    sums = {"topk": 0.0, "causal": 0.0}
+    frac = {"topk": [], "causal": []}
+    acc: list[list[float]] = []
+    n_tok = 0
+    # the random router draws from the global RNG: keep the caller's stream untouched
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        for b in range(batches):
+            x, y = tokens.batch_at("val", starts[b * batch_size:(b + 1) * batch_size], T, device)
+            modes = ("topk", "causal") if causal_ok else ("topk",)
+            for mode in modes:
+                losses, out = token_losses(model, x, y, mode)
+                sums[mode] += float(losses.sum())
+                if out.routed_frac is not None:
+                    frac[mode].append(out.routed_frac.tolist())
+                if mode == "topk" and out.causal_acc is not None:
+                    acc.append(out.causal_acc.tolist())
+            n_tok += y.numel()
+
+    loss_topk = sums["topk"] / n_tok
+    loss_causal = sums["causal"] / n_tok if causal_ok else None
+    note = ""
+    if not cfg.routed_layer_ids:
+        note = "dense model: causal and topk modes are the same computation"
+    elif not causal_ok:
+        note = f"{cfg.routing.router} routing has no causal rule: causal mode skipped"
+    return {
+        "checkpoint": str(ckpt),
+        "router": cfg.routing.router if cfg.routed_layer_ids else "none",
+        "capacity": cfg.routing.capacity,
+        "loss_topk": loss_topk,
+        "ppl_topk": math.exp(loss_topk),
+        "loss_causal": loss_causal,
+        "ppl_causal": math.exp(loss_causal) if loss_causal is not None else None,
+        "causal_gap": loss_causal - loss_topk if loss_causal is not None else None,
+        "causal_acc": _mean_lists(acc),
+        "routed_frac_topk": _mean_lists(frac["topk"]),
+        "routed_frac_causal": _mean_lists(frac["causal"]),
+        "routed_layers": cfg.routed_layer_ids,
+        "tokens": n_tok,
+        "note": note,
+    }
+
+
+def format_report(r: dict[str, Any]) -> str:
+    """A small text table of `run_eval`'s result."""
+
+    def fl(xs: list[float]) -> str:
+        return " ".join(f"{v:.3f}" for v in xs) if xs else "-"
+
+    lines = [f"checkpoint {r['checkpoint']}: router {r['router']}, capacity {r['capacity']}, "
+             f"routed layers {r['routed_layers']}, {r['tokens']:,} validation tokens",
+             f"{'mode':<8}{'loss':>9}{'ppl':>10}  routed fraction per routed layer"]
+    lines.append(f"{'topk':<8}{r['loss_topk']:>9.4f}{r['ppl_topk']:>10.3f}  {fl(r['routed_frac_topk'])}")
+    if r["loss_causal"] is not None:
+        lines.append(f"{'causal':<8}{r['loss_causal']:>9.4f}{r['ppl_causal']:>10.3f}  {fl(r['routed_frac_causal'])}")
+        rel = r["causal_gap"] / r["loss_topk"] * 100 if r["loss_topk"] else 0.0
+        lines.append(f"causal gap (causal - topk): {r['causal_gap']:+.4f} ({rel:+.2f}%)")
+    if r["causal_acc"]:
+        lines.append(f"causal decision accuracy vs top-k per routed layer: {fl(r['causal_acc'])}")
+    if r["note"]:
+        lines.append(f"note: {r['note']}")
+    return "\n".join(lines)
+
+
+# ---- CLI ------------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint folder or run folder")
+    parser.add_argument("--data", default=None, help="corpus (default: the one the run trained on)")
+    parser.add_argument("--batches", type=int, default=20, help="validation batches (default: 20)")
+    parser.add_argument("--batch-size", type=int, default=8, help="windows per batch (default: 8)")
+    parser.add_argument("--seq-len", type=int, default=None, help="tokens per window (default: training's)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"), help="(default: cpu)")
+    parser.add_argument("--json", default=None, metavar="FILE", help="also write the result as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    resolve_checkpoint(args.checkpoint)  # a missing path fails here, before any data work
+    r = run_eval(args.checkpoint, data=args.data, batches=args.batches, seq_len=args.seq_len,
+                 batch_size=args.batch_size, device=args.device)
+    print(format_report(r))
+    if args.json:
+        Path(args.json).write_text(json.dumps(r, indent=1) + "\n")
+    return 0
