@@ -288,7 +288,8 @@ def generate(
     Args:
         model: a `MoDTransformer` whose routers can decide causally (not random routing). Its KV
             cache is (re)built for this batch and left in place afterwards for inspection.
-        prompts: token id lists, one per batch row, each non-empty and at most the context.
+        prompts: token id lists, one per batch row, each non-empty and shorter than the context;
+            prompt + new tokens never exceed the context (a row that fills it stops: `context`).
         max_new_tokens: new tokens per row at most.
         temperature, top_k, top_p: sampling settings (see `sample`); temperature 0 is greedy.
         seed: seeds a new `torch.Generator` on the model's device (ignored if `generator` given).
@@ -314,8 +315,9 @@ def generate(
     for i, p in enumerate(prompts):
         if not p:
             raise ValueError(f"prompt {i} is empty")
-        if len(p) > ctx:
-            raise ValueError(f"prompt {i} has {len(p)} tokens, more than the model's context of {ctx}")
+        if len(p) >= ctx:
+            raise ValueError(f"prompt {i} has {len(p)} tokens, which leaves no room for new tokens in the model's "
+                             f"context of {ctx}")
         bad = [t for t in p if not 0 <= t < cfg.vocab_size]
         if bad:
             raise ValueError(f"prompt {i} has token id {bad[0]}, outside the vocabulary (vocab_size {cfg.vocab_size})")
@@ -359,9 +361,11 @@ def _loop(model, prompts, stream, max_new_tokens, stops, fraction, chunk_size, s
     device = model.embed_tokens.weight.device
     B = len(prompts)
     lens = torch.tensor([len(p) for p in prompts], dtype=torch.long)  # (B,) host
-    # the last new token is never fed back, so a row may fill the context and still sample one more
-    limits = [min(max_new_tokens, cfg.max_seq_len - n + 1) for n in lens.tolist()]
-    cache_len = max(n + m - 1 for n, m in zip(lens.tolist(), limits))
+    # prompt + new tokens fit the context. A finished row still takes part in each decode call as
+    # padding at its next slot (it writes nothing there: its valid length is 0), so the cache
+    # and the RoPE table need room for slot n + m - 1 although the last new token is never fed
+    limits = [min(max_new_tokens, cfg.max_seq_len - n) for n in lens.tolist()]
+    cache_len = max(n + m for n, m in zip(lens.tolist(), limits))
     cache = model.setup_cache(B, max_seq_len=cache_len, routed_fraction=fraction)
     T = int(lens.max())
     tokens = torch.zeros(B, T, dtype=torch.long)
@@ -409,7 +413,7 @@ def _loop(model, prompts, stream, max_new_tokens, stops, fraction, chunk_size, s
         decode_s += time.perf_counter() - t0
         steps += 1
         step_active.append(active.clone())
-        step_masks.append(torch.stack([masks[i].cpu() for i in routed]) if routed else torch.zeros(0, B, dtype=bool))
+        step_masks.append(torch.stack([masks[i] for i in routed]).cpu() if routed else torch.zeros(0, B, dtype=bool))
 
     # per-row routing maps: prompt decisions, then the decisions of each fed generated token
     R = len(routed)
@@ -432,3 +436,251 @@ def _loop(model, prompts, stream, max_new_tokens, stops, fraction, chunk_size, s
         kv_bytes_in_use=cache.bytes_in_use(), kv_bytes_allocated=cache.bytes_allocated(),
         kv_bytes_dense=cache.dense_bytes(),
     )
+
+
+# ---- text -----------------------------------------------------------------------------------------
+def encode_prompts(tokenizer, prompts: Sequence[str], vocab_size: int) -> list[list[int]]:
+    """Encode prompts, refusing empty ones and ids the model cannot embed (tokenizer mismatch)."""
+    encoded = []
+    for i, text in enumerate(prompts):
+        if not text:
+            raise ValueError(f"prompt {i} is empty")
+        ids = list(tokenizer.encode(text))
+        if not ids:
+            raise ValueError(f"prompt {i} encodes to no tokens")
+        bad = [t for t in ids if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"prompt {i} has token id {bad[0]}, outside the model's vocabulary (vocab_size "
+                             f"{vocab_size}): the tokenizer does not match the checkpoint")
+        encoded.append(ids)
+    return encoded
+
+
+def _held_back(text: str, stops: Sequence[str]) -> int:
+    """Characters at the end of `text` not safe to show yet: an incomplete character, or the start
+    of a stop string that the next tokens may complete."""
+    n = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                n = max(n, k)
+                break
+    if text.endswith("\ufffd"):  # a multi-byte character cut by the byte tokenizer
+        n = max(n, len(text) - len(text.rstrip("\ufffd")))
+    return n
+
+
+def generate_text(
+    model,
+    tokenizer,
+    prompts: str | Sequence[str],
+    *,
+    stop_strings: str | Sequence[str] | None = None,
+    on_text: Callable[[int, str], None] | None = None,
+    **kwargs,
+) -> tuple[list[str], GenerationResult]:
+    """Generate text continuations of one prompt or a batch; the CLI's entry point.
+
+    Stop strings are matched on the decoded text (so they work whatever the tokenization), and the
+    returned text ends before the stop string.
+
+    Args:
+        model: a `MoDTransformer` (see `generate`).
+        tokenizer: anything with `encode(str) -> list[int]` and `decode(list[int]) -> str`.
+        prompts: a prompt or a list of prompts (one batch).
+        stop_strings: a row ends once its new text contains one of these.
+        on_text: called as `on_text(row, piece)` with each new piece of text as it becomes final
+            (streaming); the pieces of a row concatenate to its returned text.
+        **kwargs: passed to `generate` (max_new_tokens, temperature, top_k, top_p, seed, stop,
+            fraction, chunk_size, ...).
+
+    Returns:
+        (the new text of each prompt, the `GenerationResult`).
+    """
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    stops = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings or [])
+    if any(not s for s in stops):
+        raise ValueError("a stop string is empty")
+    encoded = encode_prompts(tokenizer, prompts, model.cfg.vocab_size)
+    stream = generate(model, encoded, **kwargs)
+    B = len(encoded)
+    new: list[list[int]] = [[] for _ in range(B)]
+    texts = [""] * B
+    shown = [0] * B  # characters of texts[b] already passed to on_text
+    done = [False] * B
+    for step in stream:
+        for b, t in enumerate(step.tolist()):
+            if t == FINISHED or done[b]:
+                continue
+            new[b].append(t)
+            text = tokenizer.decode(new[b])
+            cut = min((text.find(s) for s in stops if s in text), default=-1)
+            if cut >= 0:
+                text, done[b] = text[:cut], True
+                stream.finish_row(b)
+            texts[b] = text
+            upto = len(text) if done[b] else len(text) - _held_back(text, stops)
+            if on_text is not None and upto > shown[b]:
+                on_text(b, text[shown[b] : upto])
+                shown[b] = upto
+    for b in range(B):  # rows that ended on length: show what was held back
+        if on_text is not None and len(texts[b]) > shown[b]:
+            on_text(b, texts[b][shown[b] :])
+    return texts, stream.result
+
+
+# ---- command line ---------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint folder or run folder")
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="the prompt text")
+    src.add_argument("--prompts-file", metavar="FILE", help="a text file with one prompt per line, run as one batch")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="new tokens per prompt at most (default: 128)")
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default: 0.8)")
+    parser.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens only")
+    parser.add_argument("--top-p", type=float, default=None, help="sample from the nucleus holding this much mass")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sampling generator (default: 0)")
+    parser.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                        help="stop a row once its text contains TEXT (repeatable; '\\n' means a newline)")
+    parser.add_argument("--fraction", type=float, default=None,
+                        help="fraction of tokens routed through each routed block (default: the calibrated one)")
+    parser.add_argument("--chunk-size", type=int, default=512, help="prompt tokens per prefill step (default: 512)")
+    parser.add_argument("--routing-map", default=None, metavar="OUT.png",
+                        help="save the routing map of what was generated (one per prompt), with the decisions "
+                             "as .npz beside it")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+
+
+def _read_prompts(args: argparse.Namespace) -> list[str]:
+    if args.prompt is not None:
+        if not args.prompt:
+            raise ValueError("the prompt is empty")
+        return [args.prompt]
+    path = Path(args.prompts_file)
+    if not path.is_file():
+        raise ValueError(f"prompts file not found: {path}")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise ValueError(f"prompts file {path} is not UTF-8 text") from None
+    prompts = [line for line in lines if line.strip()]
+    if not prompts:
+        raise ValueError(f"prompts file {path} holds no prompt (one per line)")
+    return prompts
+
+
+def _tokenizer_for(checkpoint: Path):
+    """The tokenizer saved with the checkpoint (its folder or the run folder above), else bytes."""
+    from . import data
+
+    for d in (checkpoint, *checkpoint.resolve().parents[:2]):
+        if (d / "tokenizer.json").exists() or (d / "tokenizer_config.json").exists():
+            return data.load_tokenizer(d)
+    return data.ByteTokenizer()
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name} asked for, but CUDA is not available")
+    return dev
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def format_stats(res: GenerationResult) -> str:
+    """The statistics block that `mixdepth generate` prints."""
+    lines = [
+        f"tokens/s: {res.tokens_per_s:.1f} ({res.new_tokens} new tokens in {res.prefill_s + res.decode_s:.2f} s; "
+        f"prefill {res.prefill_tokens} tokens in {res.prefill_s:.3f} s, decode {res.decode_tokens_per_s:.1f} tok/s)"
+    ]
+    if res.routed_layers:
+        per_layer = ", ".join(f"layer {i}: {100 * f:.1f}%" for i, f in res.routed_fraction.items())
+        lines.append(f"routed fraction: {per_layer}")
+        lines.append(f"routed-layer work skipped: {100 * res.skipped_fraction:.1f}%")
+    else:
+        lines.append("routed-layer work skipped: n/a (the model has no routed layer)")
+    lines.append(
+        f"KV cache: {_fmt_bytes(res.kv_bytes_in_use)} in use ({_fmt_bytes(res.kv_bytes_allocated)} allocated) vs "
+        f"{_fmt_bytes(res.kv_bytes_dense)} for a dense model of the same size ({res.kv_ratio:.2f}x)"
+    )
+    return "\n".join(lines)
+
+
+def _token_text(tokenizer, t: int) -> str:
+    """One token's text for a tick label; a byte of a multi-byte character or a control
+    character shows as its id, e.g. <e2>."""
+    s = tokenizer.decode([t])
+    if "\ufffd" in s or any(not c.isprintable() and c not in " \n\t" for c in s):
+        return f"<{t:02x}>" if t < 256 else f"<{t}>"
+    return s
+
+
+def _save_routing_maps(out: str, tokenizer, res: GenerationResult, encoded: list[list[int]]) -> list[Path]:
+    from . import plots
+
+    if not res.routed_layers:
+        raise ValueError("--routing-map: the model has no routed layers (a dense model has no routing map)")
+    out_path = Path(out)
+    written = []
+    for b, decisions in enumerate(res.routing):
+        fed = (encoded[b] + res.tokens[b])[: decisions.shape[1]]
+        texts = [_token_text(tokenizer, t) for t in fed]
+        png = out_path if len(res.routing) == 1 else out_path.with_name(f"{out_path.stem}-{b}{out_path.suffix}")
+        d = decisions.numpy()
+        plots.save_decisions(png.with_suffix(".npz"), d, texts, res.routed_layers)
+        written.append(plots.plot_routing_map(
+            d, texts, png, layer_ids=res.routed_layers,
+            title=f"causal routing while generating: prompt {b}, {d.shape[1]} tokens fed "
+                  f"({100 * d.mean():.1f}% of token-layer slots chosen)"))
+    return written
+
+
+def run(args: argparse.Namespace) -> int:
+    from .checkpoint import load_model, resolve_checkpoint
+
+    prompts = _read_prompts(args)
+    ckpt = Path(args.checkpoint)
+    if not ckpt.exists():
+        raise ValueError(f"checkpoint not found: {ckpt}")
+    ckpt = resolve_checkpoint(ckpt)  # a run folder -> its latest checkpoint, which holds the tokenizer
+    if args.fraction is not None and not 0 <= args.fraction <= 1:
+        raise ValueError(f"--fraction must be in [0, 1], got {args.fraction}")
+    device = _device(args.device)
+    model = load_model(ckpt, device=device)
+    model.eval()
+    tokenizer = _tokenizer_for(ckpt)
+    stops = [s.replace("\\n", "\n") for s in args.stop or []]
+    single = len(prompts) == 1
+    if single:
+        print(prompts[0], end="", flush=True)
+    texts, res = generate_text(
+        model, tokenizer, prompts, stop_strings=stops,
+        on_text=(lambda b, piece: print(piece, end="", flush=True)) if single else None,
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        seed=args.seed, fraction=args.fraction, chunk_size=args.chunk_size,
+    )
+    if single:
+        print()
+    else:
+        for b, (p, t) in enumerate(zip(prompts, texts)):
+            print(f"--- prompt {b} ({res.finish_reasons[b]}) ---\n{p}{t}")
+    print("---")
+    print(format_stats(res))
+    if args.routing_map:
+        encoded = encode_prompts(tokenizer, prompts, model.cfg.vocab_size)
+        for path in _save_routing_maps(args.routing_map, tokenizer, res, encoded):
+            print(f"routing map: {path}")
+    return 0
