@@ -79,8 +79,11 @@ class MoDBlock(Block):
         lo = int(pos)
         hi = min(lo + 1, N_QUANTILES - 1)
         t = q[lo] + (q[hi] - q[lo]) * (pos - lo)
+        # the ends mean "no token" and "every token" for any score, not the calibration extremes
         if fraction == 0:
-            t = q[-1] + 1.0
+            t = float("inf")
+        elif fraction == 1:
+            t = float("-inf")
         self.causal_threshold.fill_(float(t))
 
     def _run_block(self, x, rope: RotaryEmbedding, pos, idx, valid, r, cache_slot=None):
