@@ -433,13 +433,11 @@ def _run_routing(args: argparse.Namespace) -> Path:
 
 
 def _load_tokenizer_for(checkpoint: str | Path):
-    """The tokenizer saved beside a checkpoint (its folder or a parent run folder), else bytes."""
+    """The tokenizer saved beside a checkpoint (its folder or a run folder above it), else bytes."""
     from . import data
 
     path = Path(checkpoint).resolve()
-    for d in (path, *path.parents[:3]):
-        try:
+    for d in (path, *path.parents[:2]):
+        if (d / "tokenizer.json").exists() or (d / "tokenizer_config.json").exists():
             return data.load_tokenizer(d)
-        except (ValueError, FileNotFoundError, OSError):
-            continue
     return data.ByteTokenizer()
