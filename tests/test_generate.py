@@ -178,8 +178,10 @@ def test_rows_stop_when_the_context_is_full(model):
 
 # ---- the cache really skips, and the statistics add up ----------------------------------------
 def test_skipped_tokens_store_no_kv(model):
-    stream = generate(model, PROMPTS, max_new_tokens=9, stop=[PROMPTS[1][0]])
-    res = stream.run()
+    free = run(model, PROMPTS, max_new_tokens=9)
+    # row 1 stops after 2 tokens; later steps pass it as padding, which must store nothing
+    res = run(model, PROMPTS, max_new_tokens=9, stop=[tuple(free.tokens[1][:2])])
+    assert len(res.tokens[1]) == 2 and len(res.tokens[0]) == 9
     cache = model.kv_cache
     for j, lid in enumerate(res.routed_layers):
         layer = cache.layers[lid]
