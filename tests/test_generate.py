@@ -374,3 +374,12 @@ def test_cli_refuses_a_tokenizer_that_does_not_match(capsys, tmp_path):
     bpe.save(path)
     code, _, err = cli(capsys, "--checkpoint", path, "--prompt", "hello")
     assert code == 2 and "outside the model's vocabulary" in err and err.count("\n") == 1, err
+
+
+def test_stream_returns_the_result_as_stop_iteration_value(model):
+    stream = generate(model, PROMPTS[:1], max_new_tokens=3)
+    steps = []
+    with pytest.raises(StopIteration) as e:
+        while True:
+            steps.append(int(next(stream)[0]))
+    assert e.value.value is stream.result and stream.result.tokens == [steps]
