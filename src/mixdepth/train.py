@@ -338,9 +338,12 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
              out, total, cfg.tokens_per_step, cfg.flops_per_step, cfg.model.routing.router,
              cfg.model.routing.capacity, device)
 
+    # an absolute corpus path, so `mixdepth eval` finds it from any working directory
+    data_ref = cfg.data if cfg.data == DEFAULT_CORPUS else str(Path(cfg.data).expanduser().resolve())
+
     def trainer_state() -> dict[str, Any]:
         return {"step": step, "tokens": tokens, "flops": flops_done, "total_steps": total,
-                "data": cfg.data, "seq_len": cfg.context, "rng": rng_state(sampler)}
+                "data": data_ref, "seq_len": cfg.context, "rng": rng_state(sampler)}
 
     bar = _progress_bar(cfg, total, step)
     last_ckpt: Path | None = None
