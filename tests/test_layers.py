@@ -107,6 +107,22 @@ def test_rope_matches_hf_formula():
     torch.testing.assert_close(rope.sin, torch.cat([ang, ang], -1).sin().float())
 
 
+def test_rope_rotates_each_pair_by_its_angle():
+    # HF's rotate_half layout: dims i and i + E/2 form a pair rotated by angle p * theta^(-2i/E)
+    E, theta, p = 8, 10000.0, 5
+    rope = RotaryEmbedding(E, 16, theta)
+    x = torch.randn(1, 1, 1, E)
+    cos, sin = rope(torch.tensor([p]))
+    y = apply_rope(x, cos, sin)[0, 0, 0]
+    x = x[0, 0, 0]
+    for i in range(E // 2):
+        ang = torch.tensor(p * theta ** (-2 * i / E), dtype=torch.float64)
+        c, s = float(ang.cos()), float(ang.sin())
+        a, b = float(x[i]), float(x[i + E // 2])
+        assert float(y[i]) == pytest.approx(a * c - b * s, abs=1e-5)
+        assert float(y[i + E // 2]) == pytest.approx(b * c + a * s, abs=1e-5)
+
+
 @pytest.mark.parametrize("n_kv_heads", [4, 2, 1])
 @pytest.mark.parametrize("T", [1, 9])
 def test_attention_module_matches_reference(n_kv_heads, T):

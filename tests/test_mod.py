@@ -134,8 +134,13 @@ def test_routed_layer_equals_hand_computation(debug_cfg, router, gate, mode):
     x = torch.randn(B, T, D)
     if router == "token_choice":
         with torch.no_grad():
-            # row 1 has few tokens asking for the block (fewer than k): padding must not leak
-            x[1] -= 4 * (layer.router.weight[1] - layer.router.weight[0]) / layer.router.weight.norm() ** 2
+            # rows 1 and 2 have fewer than k = 8 tokens asking for the block (3 and 5): the k slots are
+            # filled with padding, which must get no output and must not be attended by a chosen token
+            u = layer.router.weight[1] - layer.router.weight[0]  # r = x . u
+            for b, n in ((1, 3), (2, 5)):
+                top = (x[b] @ u).topk(n + 1).values
+                x[b] -= (top[n - 1] + top[n]) / 2 * u / u.dot(u)
+            assert (layer.router(x) > 0).sum(1)[1:].tolist() == [3, 5]
     if mode == "causal":
         with torch.no_grad():
             score = layer.causal_score(x, layer.router(x))
