@@ -346,6 +346,11 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
                 "data": data_ref, "seq_len": cfg.context, "rng": rng_state(sampler)}
 
     bar = _progress_bar(cfg, total, step)
+    quiet_logs = contextlib.ExitStack()
+    if bar is not None:  # log lines go through tqdm.write, so they do not tear the bar
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        quiet_logs.enter_context(logging_redirect_tqdm())
     last_ckpt: Path | None = None
     window: list[float] = []
     val_loss = None
@@ -425,6 +430,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     finally:
         if bar is not None:
             bar.close()
+        quiet_logs.close()
     summary = {"run_dir": str(out), "checkpoint": str(last_ckpt or resolve_or_none(out)), "steps": step,
                "total_steps": total, "tokens": tokens, "flops": flops_done,
                "train_lm_loss": final_train,
