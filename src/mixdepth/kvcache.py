@@ -69,53 +69,56 @@ class CacheSlot:
     a real token (they come after every real token of their row).
     """
 
-    def __init__(self, layer: LayerKV, counts: torch.Tensor, rows: torch.Tensor | None, positions):
+    def __init__(self, layer: LayerKV, counts: torch.Tensor, rows: torch.Tensor | None, positions,
+                 rows_host: torch.Tensor | None = None):
         self.layer, self.counts, self.rows, self.positions = layer, counts, rows, positions
+        self.rows_host = rows_host if rows_host is not None or rows is None else rows.cpu()
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, enable_gqa: bool) -> torch.Tensor:
         layer = self.layer
         N, H, T, E = q.shape
         B = layer.k.shape[0]
         dev = q.device
-        rows_host = self.rows.cpu() if self.rows is not None else None
+        rows, rows_host = self.rows, self.rows_host
+        subset = rows is not None and N != B
         offsets = layer.lengths if rows_host is None else layer.lengths[rows_host]  # (N,) host
-        layer.ensure(int(offsets.max()) + T)
-        uniform = rows_host is None and bool((offsets == offsets[0]).all())
-        if uniform:
-            o = int(offsets[0])
+        L = int(offsets.max()) + T
+        layer.ensure(L)
+        o = int(offsets[0])
+        uniform = rows_host is None and bool((offsets == o).all())
+        if uniform:  # every row writes at the same slots: plain slice copies
             layer.k[:, :, o : o + T] = k
             layer.v[:, :, o : o + T] = v
             if self.positions is not None:
                 layer.positions[:, o : o + T] = self.positions
         else:
-            slots = offsets.to(dev)[:, None] + torch.arange(T, device=dev)  # (N, T)
-            r = (torch.arange(B, device=dev) if self.rows is None else self.rows)[:, None]  # (N, 1)
+            # indices are built on the host (where the fill lengths live) and moved once
+            slots = (offsets[:, None] + torch.arange(T)).to(dev, non_blocking=True)  # (N, T)
+            r = (torch.arange(B, device=dev) if rows is None else rows)[:, None]  # (N, 1)
             layer.k[r, :, slots] = k.transpose(1, 2)
             layer.v[r, :, slots] = v.transpose(1, 2)
             if self.positions is not None:
                 layer.positions[r, slots] = self.positions
-        L = int(offsets.max()) + T
         keys, values = layer.k[:, :, :L], layer.v[:, :, :L]  # (B, G, L, E) views, no copy
-        if uniform and T == 1 and L == o + 1:
+        if uniform and T == 1:
             y = F.scaled_dot_product_attention(q, keys, values, enable_gqa=enable_gqa)
         elif uniform and o == 0:
-            y = F.scaled_dot_product_attention(q, keys, values, is_causal=T > 1, enable_gqa=enable_gqa)
+            y = F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=enable_gqa)
         else:
             # query t of a writing row sees slots <= offset + t; other rows see slot 0 (discarded)
-            limit = torch.zeros(B, T, dtype=torch.long, device=dev)
-            lim_rows = offsets.to(dev)[:, None] + torch.arange(T, device=dev)  # (N, T)
-            if self.rows is None:
-                limit = lim_rows
-            else:
-                limit[self.rows] = lim_rows
-            mask = torch.arange(L, device=dev) <= limit[..., None]  # (B, T, L)
-            if self.rows is not None and N != B:
-                qf = q.new_zeros(B, H, T, E)
-                qf[self.rows] = q
-                q = qf
+            limit = offsets[:, None] + torch.arange(T)  # (N, T) host
+            if subset:
+                full = torch.zeros(B, T, dtype=torch.long)
+                full[rows_host] = limit
+                limit = full
+            mask = torch.arange(L, device=dev) <= limit.to(dev, non_blocking=True)[..., None]  # (B, T, L)
+            if subset:
+                # the block ran for N rows only; attention runs on all rows' cache views in place
+                # (copying the cache rows would cost more than attending with zero queries)
+                q = q.new_zeros(B, H, T, E).index_copy_(0, rows, q)
             y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None], enable_gqa=enable_gqa)
-            if self.rows is not None and N != B:
-                y = y[self.rows]
+            if subset:
+                y = y.index_select(0, rows)
         if rows_host is None:
             layer.lengths += self.counts
         else:
@@ -168,12 +171,19 @@ class KVCache:
     def routed_slot(self, layer_id: int, chosen, pos, *, idx=None, rows=None) -> CacheSlot:
         """Slot for the rows `rows` (None: all) writing the tokens `idx` (None: all T) of `chosen`."""
         counts = chosen.sum(1).cpu()
+        rows_host = None
         if rows is not None:
-            counts = counts[rows.cpu()]
+            rows_host = rows.cpu()
+            counts = counts[rows_host]
             pos = pos[rows]
         if idx is not None:
             pos = pos.gather(1, idx)
-        return CacheSlot(self.layers[layer_id], counts, rows, pos)
+        return CacheSlot(self.layers[layer_id], counts, rows, pos, rows_host)
+
+    def decode_slot(self, layer_id: int, rows: torch.Tensor | None, rows_host: torch.Tensor | None, pos) -> CacheSlot:
+        """Slot for one new token in each of the rows `rows` (None: all rows)."""
+        n = self.batch_size if rows_host is None else rows_host.numel()
+        return CacheSlot(self.layers[layer_id], torch.ones(n, dtype=torch.long), rows, pos, rows_host)
 
     # ---- accounting ---------------------------------------------------------------------------
     def _bytes_per_token(self) -> int:

@@ -163,6 +163,8 @@ class MoDBlock(Block):
             # how well the causal rule agrees with what top-k would pick here (a statistic only)
             target = torch.zeros_like(r, dtype=torch.bool).scatter(1, topk_indices(r, self.rc.k(T)), True)
             info["causal_acc"] = (chosen == target).float().mean()
+        if cache is not None and T == 1:
+            return self._decode_step(x, rope, pos, r, chosen, cache), info
         counts = chosen.sum(1)  # (B,)
         K = int(counts.max())  # one host sync: the block's shape depends on it
         if K == 0:
@@ -181,3 +183,20 @@ class MoDBlock(Block):
         slot = cache.routed_slot(self.layer_id, chosen, pos, idx=idx, rows=rows)
         out_rows = self._run_block(xr, rope, pr, idx, ok, rr, slot)
         return x.index_copy(0, rows, out_rows), info
+
+    def _decode_step(self, x, rope, pos, r, chosen, cache):
+        """One new token per row: only the rows whose token chose the block run it (by index)."""
+        B = x.shape[0]
+        rows_host = chosen[:, 0].cpu().nonzero().squeeze(1)  # (N,) the one host sync of the layer
+        N = rows_host.numel()
+        if N == 0:  # every row skips: the router (and predictor) was all this layer cost
+            return x
+        if N == B:
+            cos, sin = rope(pos)
+            delta = self.delta(x, cos, sin, cache.decode_slot(self.layer_id, None, None, pos))  # (B, 1, D)
+            return x + delta * self.gate(r)[..., None].to(delta.dtype)
+        rows = rows_host.to(x.device, non_blocking=True)
+        ps = pos.index_select(0, rows)  # (N, 1)
+        cos, sin = rope(ps)
+        delta = self.delta(x.index_select(0, rows), cos, sin, cache.decode_slot(self.layer_id, rows, rows_host, ps))
+        return x.index_add(0, rows, delta * self.gate(r.index_select(0, rows))[..., None].to(delta.dtype))
