@@ -94,9 +94,7 @@ def test_flops_flags_and_config_file_precedence(tmp_path, capsys):
     (["flops", "--preset", "huge"], ["--preset", "huge"]),
     (["flops", "--no-such-flag"], ["--no-such-flag"]),
     (["flops", "--seq-len", "-3"], ["--seq-len"]),
-    pytest.param(["flops", "--seq-len", "0"], ["--seq-len"], marks=pytest.mark.xfail(strict=True, reason=(
-        "BUG: cli.py run() does `T = args.seq_len or cfg.max_seq_len`, so --seq-len 0 is silently "
-        "replaced by max_seq_len instead of the one-line error that -3 gets"))),
+    (["flops", "--seq-len", "0"], ["--seq-len"]),
     (["flops", "--config", "/nonexistent/run.json"], ["/nonexistent/run.json"]),
     (["frobnicate"], ["frobnicate"]),
 ])

@@ -89,13 +89,7 @@ def test_forward_flops_other_modes_within_2_percent(debug_cfg, mode, method):
     assert analytic == pytest.approx(counted, rel=0.02)
 
 
-@pytest.mark.parametrize("mode, method", [
-    pytest.param(*mm, marks=pytest.mark.xfail(strict=True, reason=(
-        "BUG: flops.forward_flops counts the predictor (2*(D*h+h) per token) in every mode, but the model "
-        "runs it only in topk mode and in causal mode with causal_method='predictor' (flops.py forward_flops, "
-        "`T * (r + p)`)"))) if mm != ("causal", "predictor") else mm
-    for mm in OTHER_MODES
-])
+@pytest.mark.parametrize("mode, method", OTHER_MODES)
 def test_forward_flops_other_modes_exact(debug_cfg, mode, method):
     counted, analytic = _other_mode_flops(debug_cfg, mode, method)
     assert analytic == pytest.approx(counted, rel=1e-6)

@@ -29,8 +29,6 @@ def test_rmsnorm_shape_dtype_and_value(dtype):
         torch.testing.assert_close(plain.pow(2).mean(-1), torch.ones(2, 5), atol=1e-5, rtol=0)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: RMSNorm.forward returns `self.weight * h.to(dtype)`, so an fp32 "
-                   "weight promotes a bf16 input to an fp32 output instead of casting back (layers.py RMSNorm)")
 def test_rmsnorm_fp32_weight_bf16_input_casts_back():
     # mixed precision (fp32 master weights, bf16 activations): STYLE says norms compute in fp32 and cast back
     y = RMSNorm(8)(torch.randn(3, 8).to(torch.bfloat16))

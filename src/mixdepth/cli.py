@@ -173,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
     from . import flops
 
     cfg = model_config_from_args(args)
-    T = args.seq_len or cfg.max_seq_len
+    T = cfg.max_seq_len if args.seq_len is None else args.seq_len
     if T < 1 or args.batch_size < 1:
         raise CLIError("--seq-len and --batch-size must be >= 1")
     rows = flops.flops_table(cfg, T, args.batch_size, args.context)

@@ -94,6 +94,8 @@ def forward_flops(cfg: ModelConfig, seq_len: int, batch_size: int = 1, *, mode: 
         else:
             k = cfg.routing.k(T)
         r, p = _router_flops_per_token(cfg)
+        if mode == "dense" or (mode == "causal" and cfg.routing.causal_method != "predictor"):
+            p = 0  # the predictor runs for its training loss (topk) and as the causal rule only
         total += 2 * k * pm + _attn_flops(cfg, k, k) + T * (r + p)
     total += 2 * T * cfg.dim * cfg.vocab_size  # lm_head
     return batch_size * total
@@ -115,6 +117,8 @@ def decode_flops_per_token(cfg: ModelConfig, context_len: int, routed_fraction: 
     pm = _block_matmul_params(cfg)
     routed = set(cfg.routed_layer_ids)
     r, p = _router_flops_per_token(cfg)
+    if cfg.routing.causal_method != "predictor":
+        p = 0
     total = 2 * cfg.dim * cfg.vocab_size
     for i in range(cfg.n_layers):
         if i in routed:

@@ -37,7 +37,7 @@ class RMSNorm(nn.Module):
         dtype = x.dtype
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
+        return self.weight.to(dtype) * h.to(dtype)
 
 
 class RotaryEmbedding(nn.Module):
