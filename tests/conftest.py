@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from mixdepth.config import ModelConfig
+
+# One intra-op thread: the test models are tiny, and on a small shared machine (2 cores, other jobs
+# running) OpenMP threads spin against each other; measured here, tests/test_mod.py + test_kvcache.py
+# took 56 s with the default threads under load and 3.8 s with one. MIXDEPTH_TEST_THREADS overrides.
+torch.set_num_threads(int(os.environ.get("MIXDEPTH_TEST_THREADS", "1")))
 
 
 @pytest.fixture(autouse=True)
