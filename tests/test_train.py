@@ -111,6 +111,12 @@ def test_metrics_record_and_final_calibration(tmp_path):
     model = load_model(cfg.out_dir)
     assert all(float(layer.causal_threshold) != 0.0 for layer in model.routed_layers)
     assert [p.name for p in list_checkpoints(cfg.out_dir)] == ["step-000003", "step-000006"]
+    assert summary["train_lm_loss"] == rows[-1]["lm_loss"]
+    # resuming a finished run does no step and reports the same figures
+    again = run_train(_cfg(tmp_path, max_steps=6, eval_every=3, ckpt_every=3, log_every=2, resume=True))
+    assert (again["steps"], again["val_loss"], again["train_lm_loss"]) == (6, summary["val_loss"],
+                                                                         summary["train_lm_loss"])
+    assert _metrics(Path(cfg.out_dir)) == rows
 
 
 def test_nan_loss_stops_with_one_line_and_keeps_checkpoints(tmp_path, monkeypatch):

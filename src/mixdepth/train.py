@@ -281,8 +281,8 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     """Train a model as `cfg` says; returns a summary.
 
     Returns:
-        dict with `run_dir`, `checkpoint`, `steps`, `tokens`, `flops`, `train_lm_loss` (mean of the
-        last log interval), `val_loss` (final, topk mode), `time_s`.
+        dict with `run_dir`, `checkpoint`, `steps`, `total_steps`, `tokens`, `flops`, `train_lm_loss`
+        (the last step's), `val_loss` (the last evaluation's, topk mode), `time_s`.
 
     Raises:
         ValueError: one line, for bad settings or data, a resume that does not match the saved
@@ -329,6 +329,8 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
         lines = _read_metrics(metrics_path, step)
         write_json_atomic_lines(metrics_path, lines)
         log.info("resuming %s from %s (step %d of %d)", out, ckpt.name, step, total)
+        if step >= total:
+            log.info("the run is already complete")
     else:
         out.mkdir(parents=True, exist_ok=True)
         metrics_path.write_text("")
@@ -355,6 +357,10 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     window: list[float] = []
     val_loss = None
     final_train: float | None = None
+    if cfg.resume:  # figures of the steps done before the resume (all of them if the run is complete)
+        done = [json.loads(line) for line in lines]
+        val_loss = next((r["val_loss"] for r in reversed(done) if "val_loss" in r), None)
+        final_train = next((r["lm_loss"] for r in reversed(done) if "lm_loss" in r), None)
     t0 = time.perf_counter()
     try:
         with open(metrics_path, "a") as mfile:
@@ -425,7 +431,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
                     bar.update(1)
                     bar.set_postfix(loss=f"{float(sums['lm_loss']):.3f}", tok_s=f"{cfg.tokens_per_step / dt:.0f}")
                 if rec is not None:
-                    final_train = sum(window) / len(window)
+                    final_train = float(sums["lm_loss"])
                     window = []
     finally:
         if bar is not None:
@@ -515,7 +521,11 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def run(args: argparse.Namespace) -> int:
     summary = run_train(config_from_args(args))
+
+    def f4(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.4f}"
+
     print(f"run {summary['run_dir']}: {summary['steps']} steps, {summary['tokens']:,} tokens, "
-          f"{summary['flops']:.3g} FLOPs; train lm_loss {summary['train_lm_loss']:.4f}, "
-          f"val_loss {summary['val_loss']:.4f}; checkpoint {summary['checkpoint']}")
+          f"{summary['flops']:.3g} FLOPs; train lm_loss {f4(summary['train_lm_loss'])}, "
+          f"val_loss {f4(summary['val_loss'])}; checkpoint {summary['checkpoint']}")
     return 0
