@@ -274,3 +274,17 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, router):
     for (n, pa), pb in zip(ma.state_dict().items(), mb.state_dict().values()):
         torch.testing.assert_close(pa, pb, rtol=0, atol=0, equal_nan=True, msg=n)  # NaN: uncalibrated random
     assert [p.name for p in list_checkpoints(killed)] == [f"step-{STEPS - 5:06d}", f"step-{STEPS:06d}"]
+
+
+def test_bpe_run_saves_its_tokenizer_and_sizes_the_vocabulary(tmp_path):
+    from mixdepth.data import BPETokenizer, load_tokenizer
+    from mixdepth.evaluate import run_eval
+
+    cfg = _cfg(tmp_path, tokenizer="bpe", bpe_vocab_size=320, max_steps=3, eval_every=0)
+    summary = run_train(cfg)
+    ckpt = Path(summary["checkpoint"])
+    tok = load_tokenizer(ckpt)
+    assert isinstance(tok, BPETokenizer) and tok.vocab_size == 320
+    assert load_model(ckpt).cfg.vocab_size == 320  # the model follows the tokenizer
+    r = run_eval(ckpt, batches=1, batch_size=2, cache_dir=str(tmp_path / "cache"))
+    assert r["tokens"] == 2 * 32 and math.isfinite(r["loss_topk"]) and r["loss_topk"] < math.log(320) + 1
