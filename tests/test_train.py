@@ -178,7 +178,7 @@ def test_cli_bad_data_is_one_line_exit_2(tmp_path, capsys, case):
     assert not list_checkpoints(tmp_path / "run")
 
 
-def test_cli_resume_guards(tmp_path, capsys):
+def test_cli_resume_guards(tmp_path, capsys, caplog):
     out = tmp_path / "run"
     code, err = _cli(_train_args(tmp_path, out, "--train.max_steps", "2"), capsys)
     assert code == 0, err
@@ -191,6 +191,9 @@ def test_cli_resume_guards(tmp_path, capsys):
     # resuming with another budget (the schedule depends on it)
     code, err = _cli(_train_args(tmp_path, out, "--resume", "--train.max_steps", "4"), capsys)
     assert code == 2 and "budget" in err, err
+    # other training settings are allowed, with a warning that the trajectory changes
+    code, err = _cli(_train_args(tmp_path, out, "--resume", "--train.lr", "0.01"), capsys)
+    assert code == 0 and "changed settings (lr 0.001 -> 0.01)" in caplog.text, err
     # nothing to resume
     code, err = _cli(_train_args(tmp_path, tmp_path / "fresh", "--resume"), capsys)
     assert code == 2 and "nothing to resume" in err

@@ -331,6 +331,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
         log.info("resuming %s from %s (step %d of %d)", out, ckpt.name, step, total)
         if step >= total:
             log.info("the run is already complete")
+        _warn_changed_settings(out / "run.json", cfg)
     else:
         out.mkdir(parents=True, exist_ok=True)
         metrics_path.write_text("")
@@ -444,6 +445,21 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     log.info("done: %d steps, %d tokens, %.3g FLOPs, val_loss %s, checkpoint %s", step, tokens, flops_done,
              f"{val_loss:.4f}" if val_loss is not None else "n/a", summary["checkpoint"])
     return summary
+
+
+def _warn_changed_settings(path: Path, cfg: TrainConfig) -> None:
+    """Log the training settings a resume changes: the run then leaves its original trajectory."""
+    try:
+        before = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return
+    now = cfg.to_dict()
+    ignore = {"model", "resume", "progress", "cache_dir", "out_dir"}
+    changed = [f"{k} {before[k]!r} -> {now[k]!r}" for k in now if k not in ignore and k in before
+               and before[k] != now[k]]
+    if changed:
+        log.warning("resuming with changed settings (%s): the continuation differs from an uninterrupted run",
+                    ", ".join(changed))
 
 
 def resolve_or_none(out: Path) -> Path | None:
