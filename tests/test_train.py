@@ -291,3 +291,25 @@ def test_bpe_run_saves_its_tokenizer_and_sizes_the_vocabulary(tmp_path):
     assert load_model(ckpt).cfg.vocab_size == 320  # the model follows the tokenizer
     r = run_eval(ckpt, batches=1, batch_size=2, cache_dir=str(tmp_path / "cache"))
     assert r["tokens"] == 2 * 32 and math.isfinite(r["loss_topk"]) and r["loss_topk"] < math.log(320) + 1
+
+
+def test_grad_accumulation_averages_micro_batches(tmp_path, monkeypatch):
+    """With the same micro-batch repeated, accumulating 3 of them must equal one step on it."""
+    from mixdepth.data import TokenData
+
+    g = torch.Generator().manual_seed(0)
+    fixed = torch.randint(0, 256, (2, 33), generator=g)
+
+    def same_batch(self, split, batch_size, seq_len, generator, device="cpu"):
+        return fixed[:, :-1].clone(), fixed[:, 1:].clone()
+
+    monkeypatch.setattr(TokenData, "get_batch", same_batch)
+    rows = {}
+    for accum in (1, 3):
+        cfg = _cfg(tmp_path, max_steps=2, grad_accum=accum, eval_every=0, out_dir=str(tmp_path / f"a{accum}"))
+        run_train(cfg)
+        rows[accum] = _metrics(Path(cfg.out_dir))
+    for a, b in zip(rows[1], rows[3]):
+        assert b["tokens"] == 3 * a["tokens"]
+        for k in ("loss", "lm_loss", "grad_norm"):
+            assert b[k] == pytest.approx(a[k], rel=1e-5), k
