@@ -100,31 +100,40 @@ def test_cache_holds_exactly_the_routed_tokens(debug_cfg, router, method):
     assert torch.equal(cache.seq_lengths, torch.full((B,), T))
 
 
-def test_skipping_row_leaves_routed_cache_untouched(debug_cfg):
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_skipping_row_leaves_routed_cache_untouched(debug_cfg, chunk):
     model = _model(debug_cfg)
     ids = _ids()
     model.setup_cache(B, 32)
-    model(ids[:, :4], mode="causal", input_pos=torch.zeros(B, dtype=torch.long))
+    model(ids[:, :3], mode="causal", input_pos=torch.zeros(B, dtype=torch.long))
+    # only the rows with a token that chose the block may run it (an index, not compute-and-discard)
+    ran: dict[int, int] = {}
+    for i in model.cfg.routed_layer_ids:
+        model.layers[i].self_attn.q_proj.register_forward_hook(lambda m, a, o, i=i: ran.__setitem__(i, a[0].shape[0]))
     checked_skip = checked_write = 0
-    for t in range(4, T):
+    for t in range(3, T, chunk):
         before = {i: (model.kv_cache.layers[i].k.clone(), model.kv_cache.layers[i].v.clone(),
                       model.kv_cache.layers[i].lengths.clone()) for i in model.cfg.routed_layer_ids}
-        out = model(ids[:, t : t + 1], mode="causal", input_pos=torch.full((B,), t), return_routing=True)
+        ran.clear()
+        out = model(ids[:, t : t + chunk], mode="causal", input_pos=torch.full((B,), t), return_routing=True)
         for i, (k0, v0, n0) in before.items():
             layer = model.kv_cache.layers[i]
             S = k0.shape[2]  # buffers may have grown; the old part must be as it was
+            routed_rows = out.routing[i].any(1)
+            assert ran.get(i, 0) == int(routed_rows.sum())
             for b in range(B):
-                if out.routing[i][b, 0]:
+                n_new = int(out.routing[i][b].sum())
+                assert int(layer.lengths[b]) == int(n0[b]) + n_new
+                if n_new:
                     slot = int(n0[b])
-                    keep = torch.ones(S, dtype=torch.bool)
-                    keep[slot] = False
-                    assert torch.equal(layer.k[b, :, :S][:, keep], k0[b][:, keep])  # only its new slot changes
+                    # earlier entries are kept; the new ones are appended at the fill length
+                    assert torch.equal(layer.k[b, :, :slot], k0[b, :, :slot])
+                    assert torch.equal(layer.v[b, :, :slot], v0[b, :, :slot])
                     assert not torch.equal(layer.k[b, :, slot], k0[b, :, slot])
-                    assert int(layer.lengths[b]) == slot + 1
                     checked_write += 1
                 else:
+                    # bitwise untouched, past the fill length too: the row did not run the block
                     assert torch.equal(layer.k[b, :, :S], k0[b]) and torch.equal(layer.v[b, :, :S], v0[b])
-                    assert int(layer.lengths[b]) == int(n0[b])
                     checked_skip += 1
     assert checked_skip > 0 and checked_write > 0
 
