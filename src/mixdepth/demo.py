@@ -132,11 +132,12 @@ def train_configs(cfg: DemoConfig) -> dict[str, Any]:
                 model=model, data=cfg.data, seq_len=cfg.seq_len, batch_size=cfg.batch_size, lr=cfg.lr,
                 min_lr=cfg.lr / 10, warmup_steps=cfg.warmup_steps, max_flops=float(cfg.budget),
                 eval_batches=cfg.eval_batches, seed=seed, out_dir=str(Path(cfg.out_dir) / f"{name}-s{seed}"),
-                cache_dir=cfg.cache_dir, progress=cfg.progress, log_every=5, ckpt_every=0, keep_last=1,
+                cache_dir=cfg.cache_dir, progress=cfg.progress, log_every=5, keep_last=1,
             )
             total = tc.total_steps()
-            # a few evaluations per run for the validation curves; the last step always evaluates
-            tc.eval_every = max(1, math.ceil(total / cfg.evals))
+            # a few evaluations per run for the validation curves (the last step always evaluates), and
+            # checkpoints as often, so an interrupted demo resumes where it stopped
+            tc.eval_every = tc.ckpt_every = max(1, math.ceil(total / cfg.evals))
             runs[f"{name}-s{seed}"] = tc
     return runs
 
