@@ -415,6 +415,12 @@ def test_calibrate_causal_hits_the_fraction(debug_cfg):
     model.set_causal_fraction(0.6)
     frac = model(ids, mode="causal").routed_frac
     assert ((frac - 0.6).abs() < 0.05).all(), frac
+    # the ends mean every token and no token, for any input (not the calibration extremes)
+    other = _ids(4, 64, seed=11)
+    model.set_causal_fraction(1.0)
+    assert (model(other, mode="causal").routed_frac == 1).all()
+    model.set_causal_fraction(0.0)
+    assert (model(other, mode="causal").routed_frac == 0).all()
     with pytest.raises(ValueError, match="fraction"):
         model.set_causal_fraction(1.5)
 
