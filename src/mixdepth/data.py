@@ -119,10 +119,9 @@ class BPETokenizer:
         return self.tok.encode(text).ids
 
     def encode_array(self, text: str) -> np.ndarray:
-        # encode line groups in a batch: tokenizers parallelises across inputs, not within one
-        chunks = [c for c in text.splitlines(keepends=True)]
-        ids = [i for enc in self.tok.encode_batch(chunks) for i in enc.ids] if chunks else []
-        return np.asarray(ids, dtype=np.int64)
+        # the whole document at once, exactly as `encode` would: splitting it (for parallelism)
+        # would change how whitespace runs at the cut points are tokenized
+        return np.asarray(self.tok.encode(text).ids, dtype=np.int64)
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode([int(i) for i in ids])
