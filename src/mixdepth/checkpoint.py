@@ -292,7 +292,7 @@ def _load_weights(model: torch.nn.Module, ckpt: Path) -> None:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """Build a `MoDTransformer` from a checkpoint folder or a run folder (its `latest`).
+    """Build a `MoDTransformer` (in eval mode) from a checkpoint folder or a run folder (its `latest`).
 
     Raises a one-line `ValueError` naming the file for a missing, truncated or foreign file.
     """

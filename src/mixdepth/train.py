@@ -92,7 +92,7 @@ class TrainConfig(_Serializable):
     eval_batches: int = 20
     """Validation batches per evaluation (fixed windows, the same for every model)."""
     log_every: int = 10
-    """Write a metrics.jsonl line every N steps (and at the end)."""
+    """Write a metrics.jsonl line every N steps (and at the end); 0: only at the end."""
     ckpt_every: int = 500
     """Write a checkpoint every N steps (and at the end); 0: only at the end."""
     keep_last: int = 3
@@ -402,7 +402,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
                 window.append(float(sums["lm_loss"]))
                 last = step == total
                 rec = None
-                if step % max(cfg.log_every, 1) == 0 or last:
+                if (cfg.log_every and step % cfg.log_every == 0) or last:
                     rec = {"step": step, "tokens": tokens, "flops": flops_done, "loss": loss,
                            "lm_loss": float(sums["lm_loss"]),
                            "aux_loss": float(sums["aux_loss"]) if "aux_loss" in sums else None,
