@@ -70,6 +70,13 @@ def _alternate(fns: dict[str, Callable[[], None]], device, warmup: int, iters: i
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def compile_blocks(model) -> None:
+    """torch.compile each block in place (torchtitan style): static shapes in topk mode, so one graph
+    per block; the model object stays the same for saving and evaluation."""
+    for layer in model.layers:
+        layer.compile()
+
+
 def build_pair(cfg: ModelConfig, device, dtype, seed: int = 0):
     """The MoD model and its dense twin, with the same weights where they share names."""
     from .model import MoDTransformer
@@ -104,7 +111,9 @@ def bench_train(cfg: ModelConfig, batch_size: int, seq_len: int, *, device, dtyp
 
     def make_step(model):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda" or None)
-        fwd = torch.compile(model) if compile else model
+        if compile:
+            compile_blocks(model)
+        fwd = model
 
         def step():
             loss = fwd(inp, tgt, mode="topk").loss
@@ -132,8 +141,9 @@ def bench_prefill(cfg: ModelConfig, batch_size: int, seq_len: int, *, device, dt
     x = torch.randint(0, cfg.vocab_size, (batch_size, seq_len), generator=torch.Generator().manual_seed(0)).to(device)
     fns = {}
     for name, m in (("dense", dense), ("mod", mod)):
-        f = torch.compile(m) if compile else m
-        fns[name] = lambda f=f: f(x, mode="topk")
+        if compile:
+            compile_blocks(m)
+        fns[name] = lambda m=m: m(x, mode="topk")
     t = _alternate(fns, device, warmup, iters)
     return _record("prefill", t["dense"], t["mod"], batch_size * seq_len, flops.ideal_speedup(cfg, seq_len, "prefill"),
                    settings=_settings(cfg, batch_size=batch_size, seq_len=seq_len, dtype=str(dtype)))

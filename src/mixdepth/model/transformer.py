@@ -139,9 +139,9 @@ class MoDTransformer(nn.Module):
         B, T = input_ids.shape
         if T == 0:
             raise ValueError("input_ids is empty")
-        lo, hi = int(input_ids.min()), int(input_ids.max())
-        if lo < 0 or hi >= cfg.vocab_size:
-            bad = lo if lo < 0 else hi
+        out_of_range = (input_ids < 0) | (input_ids >= cfg.vocab_size)
+        if out_of_range.any():  # one host sync; an embedding lookup would fail with a deep traceback
+            bad = int(input_ids[out_of_range][0])
             raise ValueError(f"token id {bad} out of range for vocab_size {cfg.vocab_size}")
         dev = input_ids.device
         cache = None
