@@ -156,7 +156,7 @@ def _train_or_reuse(tc, overwrite: bool) -> dict[str, Any]:
 
     out = Path(tc.out_dir)
     saved = out / "run.json"
-    if saved.exists() or out.exists():
+    if saved.exists() or (out.exists() and any(out.iterdir())):
         same = False
         try:
             same = _comparable(json.loads(saved.read_text())) == _comparable(tc.to_dict())
@@ -178,17 +178,23 @@ def _train_or_reuse(tc, overwrite: bool) -> dict[str, Any]:
             if ckpt is not None and step >= total:
                 records = read_metrics(out)
                 vals = [r["val_loss"] for r in records if r.get("val_loss") is not None]
-                trains = [r["lm_loss"] for r in records if r.get("lm_loss") is not None]
                 log.info("reusing the finished run %s (%d steps)", out, step)
                 return {"run_dir": str(out), "checkpoint": str(ckpt), "steps": step, "total_steps": total,
                         "tokens": records[-1]["tokens"], "flops": records[-1]["flops"],
-                        "train_lm_loss": trains[-1] if trains else None, "val_loss": vals[-1] if vals else None,
-                        "time_s": None, "reused": True}
+                        "val_loss": vals[-1] if vals else None, "time_s": None, "reused": True}
             if ckpt is not None:
                 tc.resume = True
             elif out.exists():
                 shutil.rmtree(out)  # started but never checkpointed: nothing to keep
     return run_train(tc)
+
+
+def final_train_loss(run_dir: str | Path, last: int = 5) -> float | None:
+    """Mean training LM loss of the last `last` logged steps (one step's batch alone is noisy)."""
+    from .plots import read_metrics
+
+    xs = [r["lm_loss"] for r in read_metrics(run_dir) if r.get("lm_loss") is not None][-last:]
+    return statistics.fmean(xs) if xs else None
 
 
 def _mean_std(xs: list[float | None]) -> tuple[float | None, float | None]:
@@ -313,7 +319,7 @@ def _summarise(runs: dict[str, dict], tcs: dict[str, Any]) -> dict[str, dict[str
         }
         for key in ("loss_topk", "loss_causal", "causal_gap"):
             row[key], row[key + "_std"] = _mean_std([e[key] for e in ev])
-        row["train_lm_loss"], _ = _mean_std([r["train"]["train_lm_loss"] for r in rs])
+        row["train_lm_loss"], _ = _mean_std([final_train_loss(r["train"]["run_dir"]) for r in rs])
         acc = [statistics.fmean(e["causal_acc"]) for e in ev if e["causal_acc"]]
         row["causal_acc"] = statistics.fmean(acc) if acc else None
         row["causal_acc_per_layer"] = ev[0]["causal_acc"]
@@ -458,7 +464,8 @@ def _report_md(cfg, tcs, runs, models, table, sample, figures, timings) -> str:
         "## Results",
         "",
         "Validation loss in nats per byte on the same validation windows for every model; `topk` is the "
-        "training-time routing (reads the whole sequence), `causal` the per-token decision used for sampling. "
+        "training-time routing (reads the whole sequence), `causal` the per-token decision used for sampling; "
+        "`train loss`: mean training LM loss of the last 5 logged steps. "
         "`causal acc`: agreement of the causal decision with top-k membership; `routed (causal)`: fraction of "
         "tokens that enter a routed block when deciding causally (thresholds calibrated to the capacity on "
         "validation windows at the end of training).",
