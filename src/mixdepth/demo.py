@@ -474,10 +474,11 @@ def _report_md(cfg, tcs, runs, models, table, sample, figures, timings) -> str:
         "",
         _verdict(models),
         "",
-        "At this scale (about 1e13 FLOPs; the paper's margins of 1-1.5% of loss are at 6e18 FLOPs and above) a "
-        "single run does not settle whether MoD helps: compare several seeds (`--seeds 3`) and a longer budget "
-        "before reading a difference as real. Random routing doing worse than learned routing is the sturdier "
-        "finding to look for (`--baselines random`).",
+        f"At this scale ({cfg.budget:.2g} training FLOPs per model; the paper reports its margins of 1-1.5% of "
+        f"loss at 6e18 FLOPs and above) {'a single run' if len(cfg.seeds) == 1 else 'a few seeds'} cannot settle "
+        "whether MoD helps: compare several seeds (`--seeds 3`) and a longer budget before reading a difference as "
+        "real. Random routing doing worse than learned routing is the sturdier finding to look for "
+        "(`--baselines random`).",
         "",
         "## Figures",
         "",
