@@ -82,8 +82,9 @@ def build_pair(cfg: ModelConfig, device, dtype, seed: int = 0):
     from .model import MoDTransformer
 
     torch.manual_seed(seed)
-    mod = MoDTransformer(cfg).to(device=device, dtype=dtype)
-    dense = MoDTransformer(flops.dense_twin(cfg)).to(device=device, dtype=dtype)
+    with torch.device(device):  # initialise on the device: a 1B-parameter init on the host takes minutes
+        mod = MoDTransformer(cfg).to(dtype=dtype)
+        dense = MoDTransformer(flops.dense_twin(cfg)).to(dtype=dtype)
     dense.load_state_dict(mod.state_dict(), strict=False)
     return dense, mod
 
