@@ -135,6 +135,44 @@ def bench_train(cfg: ModelConfig, batch_size: int, seq_len: int, *, device, dtyp
     return rec
 
 
+def bench_sweep(cfg: ModelConfig, batch_size: int, seq_len: int, capacities: list[float], route_every: list[int],
+                *, device, dtype, warmup=1, iters=3) -> list[dict]:
+    """Training-step speed for each (capacity, route_every), against one dense model timed in the
+    same rounds (dense, then every MoD variant, repeated `iters` times)."""
+    from .model import MoDTransformer
+
+    variants = {("dense", 0, 0): flops.dense_twin(cfg)}
+    for re_ in route_every:
+        for c in capacities:
+            variants[("mod", c, re_)] = cfg.with_routing(capacity=c, route_every=re_, routed_layers=None)
+    x = torch.randint(0, cfg.vocab_size, (batch_size, seq_len + 1), generator=torch.Generator().manual_seed(0))
+    x = x.to(device)
+    steps = {}
+    for key, c in variants.items():
+        torch.manual_seed(0)
+        with torch.device(device):
+            m = MoDTransformer(c).to(dtype=dtype)
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-4, fused=device.type == "cuda" or None)
+
+        def step(m=m, opt=opt):
+            m(x[:, :-1], x[:, 1:], mode="topk").loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        steps[key] = step
+    t = _alternate(steps, device, warmup, iters)
+    td = t[("dense", 0, 0)]
+    recs = []
+    for key, c in variants.items():
+        if key[0] == "dense":
+            continue
+        name = f"train-C{key[1]:g}-every{key[2]}"
+        recs.append(_record(name, td, t[key], batch_size * seq_len, flops.ideal_speedup(c, seq_len, "train"),
+                            settings=_settings(c, batch_size=batch_size, seq_len=seq_len, dtype=str(dtype),
+                                               route_every=key[2])))
+    return recs
+
+
 @torch.no_grad()
 def bench_prefill(cfg: ModelConfig, batch_size: int, seq_len: int, *, device, dtype, warmup=1, iters=5,
                   compile=False) -> dict:
@@ -254,14 +292,17 @@ def bench_memory(cfg: ModelConfig, batch_size: int, seq_len: int, *, device, dty
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from .cli import add_model_args
 
-    parser.add_argument("what", nargs="?", default="all", choices=["train", "prefill", "decode", "memory", "all"],
-                        help="which benchmark to run (default: all)")
+    parser.add_argument("what", nargs="?", default="all",
+                        choices=["train", "prefill", "decode", "memory", "sweep", "all"],
+                        help="which benchmark to run (default: all = train, prefill, decode, memory)")
     add_model_args(parser, default_preset="bench")
     parser.add_argument("--batch-size", type=int, default=4, help="sequences per step for train/prefill/memory")
     parser.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence for train/prefill/memory")
     parser.add_argument("--decode-batches", default="1,8,32", help="comma-separated decode batch sizes")
     parser.add_argument("--context", type=int, default=512, help="tokens in the cache before decoding")
     parser.add_argument("--new-tokens", type=int, default=32, help="decode steps timed per round")
+    parser.add_argument("--capacities", default="1.0,0.5,0.25,0.125", help="sweep: comma-separated capacities")
+    parser.add_argument("--route-every", default="1,2", help="sweep: comma-separated route_every values")
     parser.add_argument("--iters", type=int, default=3, help="timed iterations (rounds for decode) per model")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
@@ -272,12 +313,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _fmt(rec: dict) -> str:
     if rec["case"] == "memory":
-        s = f"{'memory':<10} activations saved for backward: dense {rec['dense_activation_bytes'] / 2**20:,.0f} MiB, " \
+        s = f"{'memory':<18} activations saved for backward: dense {rec['dense_activation_bytes'] / 2**20:,.0f} MiB, " \
             f"MoD {rec['mod_activation_bytes'] / 2**20:,.0f} MiB ({rec['activation_ratio']:.2f}x)"
         if "peak_ratio" in rec:
             s += f"; CUDA peak {rec['peak_ratio']:.2f}x"
         return s
-    s = (f"{rec['case']:<10} {rec['dense_tok_s']:>12,.0f} {rec['mod_tok_s']:>12,.0f} {rec['ratio']:>7.2f}x "
+    s = (f"{rec['case']:<18} {rec['dense_tok_s']:>12,.0f} {rec['mod_tok_s']:>12,.0f} {rec['ratio']:>7.2f}x "
          f"{rec['ideal_ratio']:>7.2f}x {rec['efficiency']:>6.2f}")
     if "kv_bytes_ratio" in rec:
         s += f"   kv {rec['kv_bytes_ratio']:.2f}x (alloc {rec['kv_alloc_ratio']:.2f}x), " \
@@ -305,7 +346,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"device: {dev_name}; dtype {str(dtype).replace('torch.', '')}; torch {torch.__version__}")
     print(f"model: dim={cfg.dim} layers={cfg.n_layers} heads={cfg.n_heads} ffn={cfg.ffn_dim} vocab={cfg.vocab_size}; "
           f"router={cfg.routing.router} capacity={cfg.routing.capacity} routed layers={cfg.routed_layer_ids}")
-    print(f"{'case':<10} {'dense tok/s':>12} {'MoD tok/s':>12} {'ratio':>8} {'ideal':>8} {'eff.':>6}")
+    print(f"{'case':<18} {'dense tok/s':>12} {'MoD tok/s':>12} {'ratio':>8} {'ideal':>8} {'eff.':>6}")
     records = []
     kw = dict(device=dev, dtype=dtype)
     for w in what:
@@ -314,6 +355,9 @@ def run(args: argparse.Namespace) -> int:
         elif w == "prefill":
             recs = [bench_prefill(cfg, args.batch_size, args.seq_len, iters=max(args.iters, 3), compile=args.compile,
                                   **kw)]
+        elif w == "sweep":
+            recs = bench_sweep(cfg, args.batch_size, args.seq_len, [float(c) for c in args.capacities.split(",")],
+                               [int(r) for r in args.route_every.split(",")], iters=args.iters, **kw)
         elif w == "decode":
             recs = [bench_decode(cfg, b, args.context, args.new_tokens, rounds=args.iters, **kw) for b in batches]
         else:
