@@ -48,7 +48,8 @@ class LayerKV:
             return
         if not self.routed or needed > self.max_len:
             raise ValueError(f"sequence of {needed} tokens exceeds the cache's max_seq_len ({self.max_len})")
-        new = min(self.max_len, max(needed, math.ceil(self.capacity * 1.5) + 8))
+        # grow by a little: one row that routes more than expected should not double every row's buffer
+        new = min(self.max_len, math.ceil(needed * 1.125) + 16)
         pad = new - self.capacity
         self.k = F.pad(self.k, (0, 0, 0, pad))
         self.v = F.pad(self.v, (0, 0, 0, pad))
@@ -156,6 +157,20 @@ class KVCache:
         for layer in self.layers:
             layer.reset()
         self.seq_lengths.zero_()
+
+    def fill_state(self) -> list[torch.Tensor]:
+        """The fill lengths of every layer and row (host tensors), for `restore_fill`."""
+        return [layer.lengths.clone() for layer in self.layers] + [self.seq_lengths.clone()]
+
+    def restore_fill(self, state: list[torch.Tensor]) -> None:
+        """Roll the cache back to an earlier `fill_state()`, e.g. to decode again from the same prompt.
+
+        Entries written since are left in place but lie past the fill lengths, where attention never
+        reads (a slot is only read up to its row's fill length).
+        """
+        for layer, lengths in zip(self.layers, state):
+            layer.lengths.copy_(lengths)
+        self.seq_lengths.copy_(state[-1])
 
     # ---- used by the model's forward ----------------------------------------------------------
     def begin(self, valid_counts: torch.Tensor) -> None:

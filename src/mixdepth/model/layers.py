@@ -16,6 +16,13 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig
 
+# Decoding multiplies a handful of rows by each weight matrix. For that shape the CPU BLAS behind
+# torch 2.13 picks a slow kernel for x @ W^T, while W @ x^T (the same product, transposed) runs 2-3x
+# faster: measured on 2 cores, 8 layers of d=512 weights, 1 row: 7.1 ms vs 3.6 ms, 2 rows: 9.5 vs
+# 3.2 ms, 8 rows: 9.2-11.6 vs 7.2 ms. A single row is duplicated, since one-row products take a
+# slower matrix-vector path. Inference on CPU only; training and CUDA use F.linear.
+_FEW_ROWS = 16
+
 
 class Linear(nn.Linear):
     """Bias-free linear layer. Every matmul in the model goes through it, so FLOPs and parameter
@@ -23,6 +30,18 @@ class Linear(nn.Linear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         super().__init__(in_features, out_features, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        if x.device.type != "cpu" or rows > _FEW_ROWS or torch.is_grad_enabled() or rows == 0:
+            return F.linear(x, self.weight, self.bias)
+        x2 = x.reshape(rows, self.in_features)  # (M, in)
+        if rows == 1:
+            x2 = x2.repeat(2, 1)
+        y = torch.mm(self.weight, x2.t())[:, :rows].t()  # (M, out)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
 
 
 class RMSNorm(nn.Module):
