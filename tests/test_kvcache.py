@@ -310,3 +310,25 @@ def test_cache_buffers_are_not_in_state_dict(debug_cfg):
     keys = set(model.state_dict())
     model.setup_cache(B, 32)
     assert set(model.state_dict()) == keys
+
+
+def test_restore_fill_decodes_again_identically():
+    """Rolling the cache back to the state after the prompt and decoding again gives the same logits."""
+    from mixdepth import ModelConfig, MoDTransformer
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_name("debug")
+    model = MoDTransformer(cfg).eval()
+    ids = torch.randint(0, cfg.vocab_size, (2, 24))
+    with torch.no_grad():
+        model.calibrate_causal(ids, 0.4)
+        model.setup_cache(2, 32)
+        model(ids[:, :16], mode="causal", input_pos=torch.zeros(2, dtype=torch.long))
+        state = model.kv_cache.fill_state()
+        runs = []
+        for _ in range(2):
+            model.kv_cache.restore_fill(state)
+            runs.append(torch.cat([model(ids[:, t:t + 1], mode="causal", input_pos=torch.full((2,), t)).logits
+                                   for t in range(16, 24)], 1))
+            assert model.kv_cache.seq_lengths.tolist() == [24, 24]
+    torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)

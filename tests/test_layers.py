@@ -205,3 +205,19 @@ def test_hf_module_names():
         assert name in keys, name
     assert "layers.0.router.weight" not in keys  # layer 0 is dense in the every-other-block layout
     assert not any("rope" in k for k in keys)  # RoPE tables are non-persistent buffers
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 8, 16, 17])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_few_rows_path_equals_f_linear(rows, bias):
+    # inference with few rows takes W @ x^T on CPU (a faster BLAS kernel there); same product
+    from mixdepth.model.layers import Linear
+
+    lin = Linear(24, 40, bias=bias)
+    if bias:
+        torch.nn.init.normal_(lin.bias)
+    x = torch.randn(rows, 1, 24)
+    with torch.no_grad():
+        y = lin(x)
+    assert y.shape == (rows, 1, 40)
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
