@@ -20,6 +20,7 @@ the calibration fixes (the measured fraction is part of each decode record).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import logging
 import platform
@@ -137,40 +138,31 @@ def bench_train(cfg: ModelConfig, batch_size: int, seq_len: int, *, device, dtyp
 
 def bench_sweep(cfg: ModelConfig, batch_size: int, seq_len: int, capacities: list[float], route_every: list[int],
                 *, device, dtype, warmup=1, iters=3) -> list[dict]:
-    """Training-step speed for each (capacity, route_every), against one dense model timed in the
-    same rounds (dense, then every MoD variant, repeated `iters` times)."""
-    from .model import MoDTransformer
-
-    variants = {("dense", 0, 0): flops.dense_twin(cfg)}
+    """Training-step speed for each (capacity, route_every), each timed in alternation with the
+    dense twin (re-timed for every variant, so each ratio comes from one paired measurement)."""
+    recs = []
     for re_ in route_every:
         for c in capacities:
-            variants[("mod", c, re_)] = cfg.with_routing(capacity=c, route_every=re_, routed_layers=None)
-    x = torch.randint(0, cfg.vocab_size, (batch_size, seq_len + 1), generator=torch.Generator().manual_seed(0))
-    x = x.to(device)
-    steps = {}
-    for key, c in variants.items():
-        torch.manual_seed(0)
-        with torch.device(device):
-            m = MoDTransformer(c).to(dtype=dtype)
-        opt = torch.optim.AdamW(m.parameters(), lr=1e-4, fused=device.type == "cuda" or None)
-
-        def step(m=m, opt=opt):
-            m(x[:, :-1], x[:, 1:], mode="topk").loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        steps[key] = step
-    t = _alternate(steps, device, warmup, iters)
-    td = t[("dense", 0, 0)]
-    recs = []
-    for key, c in variants.items():
-        if key[0] == "dense":
-            continue
-        name = f"train-C{key[1]:g}-every{key[2]}"
-        recs.append(_record(name, td, t[key], batch_size * seq_len, flops.ideal_speedup(c, seq_len, "train"),
-                            settings=_settings(c, batch_size=batch_size, seq_len=seq_len, dtype=str(dtype),
-                                               route_every=key[2])))
+            variant = cfg.with_routing(capacity=c, route_every=re_, routed_layers=None)
+            rec = bench_train(variant, batch_size, seq_len, device=device, dtype=dtype, warmup=warmup, iters=iters)
+            rec["case"] = f"train-C{c:g}-every{re_}"
+            rec["settings"]["route_every"] = re_
+            recs.append(rec)
     return recs
+
+
+def steady_allocator() -> None:
+    """Keep freed memory in glibc's heap instead of returning it to the OS after every step.
+
+    Otherwise every large activation is a fresh mmap whose pages fault in on first touch, a cost
+    that falls unevenly on models whose tensors differ in size and adds run-to-run noise.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 32 * 1024 * 1024)  # M_MMAP_THRESHOLD: its largest allowed value
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 @torch.no_grad()
@@ -328,6 +320,7 @@ def run(args: argparse.Namespace) -> int:
     from .cli import CLIError, model_config_from_args
 
     cfg = model_config_from_args(args)
+    steady_allocator()
     if cfg.routing.router == "none":
         raise CLIError("bench compares a routed model with its dense twin: --routing.router must not be none")
     dev = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
