@@ -293,7 +293,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=7, help="decode: timed rounds per model (median)")
     parser.add_argument("--capacities", default="1.0,0.5,0.25,0.125", help="sweep: comma-separated capacities")
     parser.add_argument("--route-every", default="1,2", help="sweep: comma-separated route_every values")
-    parser.add_argument("--iters", type=int, default=3, help="timed iterations (rounds for decode) per model")
+    parser.add_argument("--iters", type=int, default=5, help="timed training or prefill iterations per model (median)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                         help="auto: bfloat16 on CUDA, float32 on CPU")
