@@ -202,7 +202,7 @@ def _discover() -> None:
     for name, module, help in (
         ("train", "mixdepth.train", "train a model (MoD or a baseline) on a corpus"),
         ("eval", "mixdepth.evaluate", "validation loss in topk and causal modes, routing statistics"),
-        ("generate", "mixdepth.generate", "sample text from a checkpoint with the KV cache"),
+        ("generate", "mixdepth.generate_cli", "sample text from a checkpoint with the KV cache"),
         ("bench", "mixdepth.bench", "speed and memory of MoD vs dense in one process"),
         ("plot", "mixdepth.plots", "loss curves and routing maps as PNG files"),
         ("demo", "mixdepth.demo", "train dense and MoD at equal FLOPs, evaluate, report"),
