@@ -11,6 +11,7 @@ import torch
 
 from mixdepth.checkpoint import (
     list_checkpoints,
+    load_checkpoint_tokenizer,
     load_model,
     load_training_state,
     resolve_checkpoint,
@@ -78,6 +79,20 @@ def test_bpe_tokenizer_saved_beside_checkpoint(tmp_path, debug_cfg):
     assert (ckpt / "tokenizer.json").exists()
     again = load_tokenizer(ckpt)
     assert again.encode("the lazy fox") == tok.encode("the lazy fox")
+
+
+def test_checkpoint_tokenizer_found_from_the_run_folder(tmp_path, debug_cfg):
+    # the tokenizer lives in the checkpoint folder, not the run folder: `plot routing --checkpoint RUN`
+    # once fell back to bytes for a BPE run
+    tok = BPETokenizer.train(["the quick brown fox jumps over the lazy dog " * 50], 300)
+    model = MoDTransformer(debug_cfg(vocab_size=tok.vocab_size))
+    run = tmp_path / "run"
+    ckpt = save_checkpoint(run / "checkpoints" / "step-000001", model, tokenizer=tok)
+    for path in (run, ckpt):
+        found = load_checkpoint_tokenizer(path)
+        assert isinstance(found, BPETokenizer) and found.encode("the lazy fox") == tok.encode("the lazy fox")
+    byte_ckpt = save_checkpoint(tmp_path / "bytes", model, tokenizer=ByteTokenizer())
+    assert isinstance(load_checkpoint_tokenizer(byte_ckpt), ByteTokenizer)
 
 
 def _run_with_two_checkpoints(tmp_path, debug_cfg) -> tuple[Path, MoDTransformer]:

@@ -305,6 +305,21 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> torch.nn
     return model.to(device).eval()
 
 
+def load_checkpoint_tokenizer(path: str | Path):
+    """The tokenizer saved with a checkpoint (its folder, or the run folder above), else bytes.
+
+    `path` may be a checkpoint folder or a run folder; a run folder is resolved to its latest
+    checkpoint first, since the tokenizer is saved inside each checkpoint folder.
+    """
+    from .data import ByteTokenizer, load_tokenizer
+
+    ckpt = resolve_checkpoint(path).resolve()
+    for d in (ckpt, *ckpt.parents[:2]):
+        if (d / "tokenizer.json").exists() or (d / "tokenizer_config.json").exists():
+            return load_tokenizer(d)
+    return ByteTokenizer()
+
+
 def load_training_state(path: str | Path, model: torch.nn.Module,
                         optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
     """Load weights (and optimizer state) of a checkpoint into existing objects; returns trainer.json."""

@@ -55,16 +55,6 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
-def _tokenizer_for(checkpoint: Path):
-    """The tokenizer saved with the checkpoint (its folder or the run folder above), else bytes."""
-    from . import data
-
-    for d in (checkpoint, *checkpoint.resolve().parents[:2]):
-        if (d / "tokenizer.json").exists() or (d / "tokenizer_config.json").exists():
-            return data.load_tokenizer(d)
-    return data.ByteTokenizer()
-
-
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -107,19 +97,16 @@ def _save_routing_maps(out: str, tokenizer, res: GenerationResult, encoded: list
 
 
 def run(args: argparse.Namespace) -> int:
-    from .checkpoint import load_model, resolve_checkpoint
+    from .checkpoint import load_checkpoint_tokenizer, load_model, resolve_checkpoint
 
     prompts = _read_prompts(args)
-    ckpt = Path(args.checkpoint)
-    if not ckpt.exists():
-        raise ValueError(f"checkpoint not found: {ckpt}")
-    ckpt = resolve_checkpoint(ckpt)  # a run folder -> its latest checkpoint, which holds the tokenizer
+    ckpt = resolve_checkpoint(args.checkpoint)  # a run folder -> its latest checkpoint
     if args.fraction is not None and not 0 <= args.fraction <= 1:
         raise ValueError(f"--fraction must be in [0, 1], got {args.fraction}")
     device = _device(args.device)
     model = load_model(ckpt, device=device)
     model.eval()
-    tokenizer = _tokenizer_for(ckpt)
+    tokenizer = load_checkpoint_tokenizer(ckpt)
     stops = [s.replace("\\n", "\n") for s in args.stop or []]
     single = len(prompts) == 1
     if single:

@@ -422,22 +422,12 @@ def _run_routing(args: argparse.Namespace) -> Path:
         text = args.text
     else:
         raise ValueError("give the text to route with --text or --text-file")
-    from .checkpoint import load_model
+    from .checkpoint import load_checkpoint_tokenizer, load_model
 
     model = load_model(args.checkpoint)
-    tokenizer = _load_tokenizer_for(args.checkpoint)
+    tokenizer = load_checkpoint_tokenizer(args.checkpoint)
     decisions, tokens, layer_ids = routing_map_from_model(model, tokenizer, text, mode=args.mode)
     title = args.title or (f"{args.mode} routing of {len(tokens)} tokens: "
                            f"{100 * decisions.mean():.1f}% of token-layer slots chosen")
     return plot_routing_map(decisions, tokens, args.out, layer_ids=layer_ids, title=title)
 
-
-def _load_tokenizer_for(checkpoint: str | Path):
-    """The tokenizer saved beside a checkpoint (its folder or a run folder above it), else bytes."""
-    from . import data
-
-    path = Path(checkpoint).resolve()
-    for d in (path, *path.parents[:2]):
-        if (d / "tokenizer.json").exists() or (d / "tokenizer_config.json").exists():
-            return data.load_tokenizer(d)
-    return data.ByteTokenizer()
