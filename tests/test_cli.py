@@ -96,6 +96,7 @@ def test_flops_flags_and_config_file_precedence(tmp_path, capsys):
     (["flops", "--seq-len", "-3"], ["--seq-len"]),
     (["flops", "--seq-len", "0"], ["--seq-len"]),
     (["flops", "--config", "/nonexistent/run.json"], ["/nonexistent/run.json"]),
+    (["bench", "--device", "gpu"], ["device", "gpu"]),
     (["frobnicate"], ["frobnicate"]),
 ])
 def test_bad_input_is_one_line_and_exit_2(capsys, argv, words):

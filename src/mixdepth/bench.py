@@ -318,13 +318,13 @@ def _fmt(rec: dict) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from .cli import CLIError, model_config_from_args
+    from .train import resolve_device
 
     cfg = model_config_from_args(args)
     steady_allocator()
     if cfg.routing.router == "none":
         raise CLIError("bench compares a routed model with its dense twin: --routing.router must not be none")
-    dev = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if args.device == "auto" else args.device))
+    dev = resolve_device(args.device)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(args.dtype) or \
         (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     need = max(args.seq_len, args.context + args.new_tokens)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from .checkpoint import load_model, resolve_checkpoint, verify_checkpoint
 from .data import load_tokenizer, prepare_corpus
+from .train import resolve_device
 
 log = logging.getLogger("mixdepth")
 
@@ -63,8 +64,7 @@ def run_eval(checkpoint: str | Path, *, data: str | None = None, batches: int = 
     """
     if batches < 1 or batch_size < 1:
         raise ValueError(f"batches and batch_size must be >= 1, got {batches} and {batch_size}")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(device)
     ckpt = verify_checkpoint(checkpoint)
     trainer = {}
     if (ckpt / "trainer.json").exists():

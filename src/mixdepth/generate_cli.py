@@ -10,8 +10,6 @@ import argparse
 import logging
 from pathlib import Path
 
-import torch
-
 from .generate import GenerationResult, encode_prompts, format_stats, generate_text
 
 log = logging.getLogger("mixdepth")
@@ -55,18 +53,6 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"unknown device {name!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name} asked for, but CUDA is not available")
-    return dev
-
-
 def _token_text(tokenizer, t: int) -> str:
     """One token's text for a tick label; a byte of a multi-byte character or a control
     character shows as its id, e.g. <e2>."""
@@ -98,12 +84,13 @@ def _save_routing_maps(out: str, tokenizer, res: GenerationResult, encoded: list
 
 def run(args: argparse.Namespace) -> int:
     from .checkpoint import load_checkpoint_tokenizer, load_model, resolve_checkpoint
+    from .train import resolve_device
 
     prompts = _read_prompts(args)
     ckpt = resolve_checkpoint(args.checkpoint)  # a run folder -> its latest checkpoint
     if args.fraction is not None and not 0 <= args.fraction <= 1:
         raise ValueError(f"--fraction must be in [0, 1], got {args.fraction}")
-    device = _device(args.device)
+    device = resolve_device(args.device)
     model = load_model(ckpt, device=device)
     model.eval()
     tokenizer = load_checkpoint_tokenizer(ckpt)

@@ -217,11 +217,19 @@ def set_rng_state(st: dict[str, Any], sampler: np.random.Generator) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
+    """`auto` (cuda if available, else cpu) or a torch device name (cpu, cuda, cuda:1, ...).
+
+    Raises a one-line `ValueError` for an unknown name or a CUDA device without CUDA.
+    """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device is cuda but no CUDA device is available")
-    return torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name} asked for, but CUDA is not available")
+    return dev
 
 
 def autocast_ctx(device: torch.device, dtype: str):
