@@ -56,16 +56,21 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Write JSON to `path` through a temporary file and `os.replace` (never a half-written file)."""
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write `text` to `path` through a fsynced temporary file and `os.replace` (never a half-written file)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
-        f.write(json.dumps(obj, indent=1) + "\n")
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
     _fsync_dir(path.parent)
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    """Write JSON to `path` atomically (`write_text_atomic`)."""
+    write_text_atomic(path, json.dumps(obj, indent=1) + "\n")
 
 
 def _read_json(path: Path) -> Any:
@@ -221,22 +226,12 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
     _fsync_dir(path.parent)
     if path.parent.name == "checkpoints":
         run_dir = path.parent.parent
-        _write_pointer(run_dir / "latest", f"checkpoints/{path.name}")
+        write_text_atomic(run_dir / "latest", f"checkpoints/{path.name}\n")
         if keep_last:
             for old in list_checkpoints(run_dir)[:-keep_last]:
                 if old != path:
                     shutil.rmtree(old, ignore_errors=True)
     return path
-
-
-def _write_pointer(path: Path, target: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(target + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 # ---- load -----------------------------------------------------------------------------------------

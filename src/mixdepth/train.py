@@ -40,6 +40,7 @@ from .checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
     write_json_atomic,
+    write_text_atomic,
 )
 from .config import ModelConfig, _check, _Serializable, register_nested
 from .data import DEFAULT_CORPUS, TokenData, build_tokenizer, load_documents, prepare_corpus
@@ -335,7 +336,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
         set_rng_state(state["rng"], sampler)
         # the killed run may have logged past its last checkpoint: those steps are redone
         lines = _read_metrics(metrics_path, step)
-        write_json_atomic_lines(metrics_path, lines)
+        write_text_atomic(metrics_path, "".join(line + "\n" for line in lines))
         log.info("resuming %s from %s (step %d of %d)", out, ckpt.name, step, total)
         if step >= total:
             log.info("the run is already complete")
@@ -475,12 +476,6 @@ def resolve_or_none(out: Path) -> Path | None:
         return resolve_checkpoint(out)
     except ValueError:
         return None
-
-
-def write_json_atomic_lines(path: Path, lines: list[str]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in lines))
-    tmp.replace(path)
 
 
 @torch.no_grad()
