@@ -110,6 +110,12 @@ def test_bad_input_is_one_line_and_exit_2(capsys, argv, words):
     assert captured.out == ""
 
 
+def test_unwritable_output_is_one_line_and_exit_2(tmp_path, capsys):
+    assert _exit_code(["flops", "--preset", "debug", "--json", str(tmp_path)]) == 2  # a folder, not a file
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err and str(tmp_path) in err, err
+
+
 def test_bad_config_file_contents(tmp_path, capsys):
     bad = tmp_path / "bad.json"
     for content, word in [("{oops", "not valid JSON"), ("[1]", "JSON object"),

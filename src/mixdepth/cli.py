@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
               if a.get_default("_module") == args._module and a.prog.endswith(args.command))
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # OSError: an unwritable output path, a full disk, ...
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         sp.error(msg)  # one line, exit status 2
     except KeyboardInterrupt:
