@@ -199,6 +199,24 @@ def test_cli_resume_guards(tmp_path, capsys, caplog):
     assert code == 2 and "nothing to resume" in err
 
 
+def test_resume_with_a_train_only_config_file_keeps_the_run_model(tmp_path):
+    from mixdepth.cli import build_parser
+    from mixdepth.train import config_from_args
+
+    out = tmp_path / "run"
+    out.mkdir()
+    run_cfg = _cfg(tmp_path, model=ModelConfig.from_name("debug", dim=96), max_steps=2)
+    (out / "run.json").write_text(json.dumps(run_cfg.to_dict()))
+    cfg_file = tmp_path / "train.json"
+    cfg_file.write_text(json.dumps({"train": {"lr": 5e-4}}))
+    args = build_parser().parse_args(["train", "--out", str(out), "--resume", "--config", str(cfg_file)])
+    got = config_from_args(args)
+    assert got.model == run_cfg.model and got.lr == 5e-4
+    cfg_file.write_text(json.dumps({"model": {"dim": 128}}))  # a file that sets the model still does
+    args = build_parser().parse_args(["train", "--out", str(out), "--resume", "--config", str(cfg_file)])
+    assert config_from_args(args).model.dim == 128
+
+
 # ---- exact resume after SIGKILL -------------------------------------------------------------------
 STEPS = 40
 

@@ -510,14 +510,16 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
     train = overrides_from_args(args, "train")
     out = train.get("out_dir", TrainConfig.__dataclass_fields__["out_dir"].default)
-    model_given = (args.preset is not None or args.config is not None
+    file = load_config_file(args)
+    # a --config file with only training settings keeps the resumed run's model
+    model_given = (args.preset is not None or "model" in file or "routing" in file
                    or overrides_from_args(args, "model") or overrides_from_args(args, "routing"))
     base: dict[str, Any] = {}
     if args.resume and (Path(out) / "run.json").exists():
         base = json.loads((Path(out) / "run.json").read_text())
         for k in ("total_steps", "tokens_per_step", "flops_per_step"):
             base.pop(k, None)
-    base.update(load_config_file(args).get("train", {}))
+    base.update(file.get("train", {}))
     if args.resume and base and not model_given:
         model = ModelConfig.from_dict(base["model"], prefix="model.")
     else:
