@@ -24,7 +24,7 @@ import types
 import typing
 from typing import Any
 
-from .config import PRESETS, ModelConfig, RoutingConfig
+from .config import PRESETS, ModelConfig, RoutingConfig, read_json_file
 
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -129,13 +129,7 @@ def add_model_args(parser: argparse.ArgumentParser, default_preset: str | None =
 def load_config_file(args: argparse.Namespace) -> dict[str, Any]:
     if not getattr(args, "config", None):
         return {}
-    try:
-        with open(args.config) as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise CLIError(f"config file not found: {args.config}") from None
-    except json.JSONDecodeError as e:
-        raise CLIError(f"config file {args.config} is not valid JSON ({e.msg}, line {e.lineno})") from None
+    data = read_json_file(args.config)
     if not isinstance(data, dict):
         raise CLIError(f"config file {args.config} must hold a JSON object")
     return data

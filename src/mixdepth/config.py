@@ -30,6 +30,17 @@ def _check(cond: bool, msg: str) -> None:
         raise ValueError(msg)
 
 
+def read_json_file(path: str | Path) -> Any:
+    """Parse a JSON settings file; a missing or malformed file is a one-line `ValueError` naming it."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"config file not found: {path}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"config file {path} is not valid JSON ({e.msg}, line {e.lineno})") from None
+
+
 class _Serializable:
     """JSON round trip for (nested) dataclasses: unknown keys fail, missing keys default."""
 
@@ -58,14 +69,7 @@ class _Serializable:
 
     @classmethod
     def from_json(cls, path: str | Path):
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ValueError(f"config file not found: {path}") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"config file {path} is not valid JSON ({e.msg}, line {e.lineno})") from None
-        return cls.from_dict(data)
+        return cls.from_dict(read_json_file(path))
 
 
 @dataclass(kw_only=True)

@@ -42,7 +42,7 @@ from .checkpoint import (
     write_json_atomic,
     write_text_atomic,
 )
-from .config import ModelConfig, _check, _Serializable, register_nested
+from .config import ModelConfig, _check, _Serializable, read_json_file, register_nested
 from .data import DEFAULT_CORPUS, TokenData, build_tokenizer, load_documents, prepare_corpus
 
 log = logging.getLogger("mixdepth")
@@ -516,7 +516,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
                    or overrides_from_args(args, "model") or overrides_from_args(args, "routing"))
     base: dict[str, Any] = {}
     if args.resume and (Path(out) / "run.json").exists():
-        base = json.loads((Path(out) / "run.json").read_text())
+        base = read_json_file(Path(out) / "run.json")
         for k in ("total_steps", "tokens_per_step", "flops_per_step"):
             base.pop(k, None)
     base.update(file.get("train", {}))
