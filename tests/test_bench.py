@@ -66,3 +66,14 @@ def test_cli_refuses_dense_only(capsys):
         main(["bench", "train", "--preset", "debug", "--routing.router", "none"])
     assert e.value.code == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("flag, value", [("--decode-batches", "1,x"), ("--capacities", "0.5,abc"),
+                                         ("--route-every", "0")])
+def test_cli_bad_number_lists_name_the_flag(capsys, flag, value):
+    what = "decode" if flag == "--decode-batches" else "sweep"
+    with pytest.raises(SystemExit) as e:
+        main(["bench", what, "--preset", "debug", flag, value])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and flag in err[0]

@@ -110,3 +110,15 @@ def test_eval_cli_prints_table_and_rejects_bad_checkpoint(tmp_path, debug_cfg, c
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("mixdepth eval: error:") and "not found" in err[0]
+
+
+def test_run_eval_corrupt_trainer_json_names_the_file(tmp_path, debug_cfg):
+    ck = _checkpoint(tmp_path, MoDTransformer(debug_cfg()))
+    (ck / "trainer.json").write_text('{"step": 0, "data": ')
+    manifest = ck / "manifest.json"
+    if manifest.exists():  # the manifest records file sizes; keep it consistent with the corrupt file
+        manifest.unlink()
+    with pytest.raises(ValueError) as e:
+        run_eval(ck, batches=1)
+    msg = str(e.value)
+    assert "trainer.json" in msg and "\n" not in msg

@@ -316,6 +316,16 @@ def _fmt(rec: dict) -> str:
     return s
 
 
+def _numbers(text: str, kind: type, flag: str) -> list:
+    try:
+        values = [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} must be comma-separated {kind.__name__}s, got {text!r}") from None
+    if not values or any(v <= 0 for v in values):
+        raise ValueError(f"{flag} must list positive numbers, got {text!r}")
+    return values
+
+
 def run(args: argparse.Namespace) -> int:
     from .cli import CLIError, model_config_from_args
     from .train import resolve_device
@@ -330,7 +340,7 @@ def run(args: argparse.Namespace) -> int:
     need = max(args.seq_len, args.context + args.new_tokens)
     if need > cfg.max_seq_len:
         cfg = ModelConfig.from_dict({**cfg.to_dict(), "max_seq_len": need})
-    batches = [int(b) for b in args.decode_batches.split(",") if b]
+    batches = _numbers(args.decode_batches, int, "--decode-batches")
     what = ["train", "prefill", "decode", "memory"] if args.what == "all" else [args.what]
     dev_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else \
         f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
@@ -347,8 +357,8 @@ def run(args: argparse.Namespace) -> int:
             recs = [bench_prefill(cfg, args.batch_size, args.seq_len, iters=max(args.iters, 3), compile=args.compile,
                                   **kw)]
         elif w == "sweep":
-            recs = bench_sweep(cfg, args.batch_size, args.seq_len, [float(c) for c in args.capacities.split(",")],
-                               [int(r) for r in args.route_every.split(",")], iters=args.iters, **kw)
+            recs = bench_sweep(cfg, args.batch_size, args.seq_len, _numbers(args.capacities, float, "--capacities"),
+                               _numbers(args.route_every, int, "--route-every"), iters=args.iters, **kw)
         elif w == "decode":
             recs = [bench_decode(cfg, b, args.context, args.new_tokens, rounds=args.rounds, **kw) for b in batches]
         else:

@@ -31,14 +31,16 @@ def _check(cond: bool, msg: str) -> None:
 
 
 def read_json_file(path: str | Path) -> Any:
-    """Parse a JSON settings file; a missing or malformed file is a one-line `ValueError` naming it."""
+    """Parse a JSON file (settings, run or trainer state); a missing or malformed file is a one-line
+    `ValueError` naming it."""
     path = Path(path)
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
-        raise ValueError(f"config file not found: {path}") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"config file {path} is not valid JSON ({e.msg}, line {e.lineno})") from None
+        raise ValueError(f"file not found: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        detail = f"{e.msg}, line {e.lineno}" if isinstance(e, json.JSONDecodeError) else "not UTF-8 text"
+        raise ValueError(f"{path} is not valid JSON ({detail})") from None
 
 
 class _Serializable:

@@ -35,6 +35,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .config import read_json_file
+
 log = logging.getLogger("mixdepth")
 
 DEFAULT_CORPUS = "shakespeare"
@@ -315,7 +317,7 @@ class TokenData:
 
 
 def _open_token_data(folder: Path) -> TokenData:
-    meta = json.loads((folder / "meta.json").read_text())
+    meta = read_json_file(folder / "meta.json")
     dtype = np.dtype(meta["dtype"])
     train = np.memmap(folder / "train.bin", dtype=dtype, mode="r")
     val = np.memmap(folder / "val.bin", dtype=dtype, mode="r")

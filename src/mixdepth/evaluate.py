@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import load_model, resolve_checkpoint, verify_checkpoint
+from .config import read_json_file
 from .data import load_tokenizer, prepare_corpus
 from .train import resolve_device
 
@@ -68,7 +69,7 @@ def run_eval(checkpoint: str | Path, *, data: str | None = None, batches: int = 
     ckpt = verify_checkpoint(checkpoint)
     trainer = {}
     if (ckpt / "trainer.json").exists():
-        trainer = json.loads((ckpt / "trainer.json").read_text())
+        trainer = read_json_file(ckpt / "trainer.json")
     source = data or trainer.get("data")
     if not source:
         raise ValueError(f"checkpoint {ckpt} does not say which corpus it trained on; pass --data")
