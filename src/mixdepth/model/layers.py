@@ -20,8 +20,11 @@ from ..config import ModelConfig
 # torch 2.13 picks a slow kernel for x @ W^T, while W @ x^T (the same product, transposed) runs 2-3x
 # faster: measured on 2 cores, 8 layers of d=512 weights, 1 row: 7.1 ms vs 3.6 ms, 2 rows: 9.5 vs
 # 3.2 ms, 8 rows: 9.2-11.6 vs 7.2 ms. A single row is duplicated, since one-row products take a
-# slower matrix-vector path. Inference on CPU only; training and CUDA use F.linear.
+# slower matrix-vector path. Inference on CPU only, for weights too big to stay in cache (small
+# ones, such as the predictor's, gain nothing and only pay the extra ops); training and CUDA use
+# F.linear.
 _FEW_ROWS = 16
+_BIG_WEIGHT = 1 << 18  # elements: a 512 x 512 projection
 
 
 class Linear(nn.Linear):
@@ -33,7 +36,8 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if x.device.type != "cpu" or rows > _FEW_ROWS or torch.is_grad_enabled() or rows == 0:
+        if (x.device.type != "cpu" or rows > _FEW_ROWS or rows == 0 or self.weight.numel() < _BIG_WEIGHT
+                or torch.is_grad_enabled()):
             return F.linear(x, self.weight, self.bias)
         x2 = x.reshape(rows, self.in_features)  # (M, in)
         if rows == 1:

@@ -156,7 +156,8 @@ class MoDBlock(Block):
         if valid is not None:
             chosen = chosen & valid
         info["chosen"] = chosen
-        info["frac"] = chosen.float().mean() if valid is None else chosen.sum() / valid.sum().clamp(min=1)
+        if cache is None:  # cached steps are counted by the caller from `chosen` (no extra ops per step)
+            info["frac"] = chosen.float().mean() if valid is None else chosen.sum() / valid.sum().clamp(min=1)
         if want_scores:
             info["score"] = score.detach()
         if cache is None and self.rc.router == "expert_choice":
