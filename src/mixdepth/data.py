@@ -404,7 +404,7 @@ def build_tokenizer(kind: str, docs: list[tuple[str, str]], bpe_vocab_size: int 
         return BPETokenizer.from_file(path)
     tok = BPETokenizer.train([t for _, t in docs], bpe_vocab_size)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # two processes training the same tokenizer do not collide
     tok.tok.save(str(tmp))
     os.replace(tmp, path)
     return tok
