@@ -73,7 +73,7 @@ class CacheSlot:
     def __init__(self, layer: LayerKV, counts: torch.Tensor, rows: torch.Tensor | None, positions,
                  rows_host: torch.Tensor | None = None):
         self.layer, self.counts, self.rows, self.positions = layer, counts, rows, positions
-        self.rows_host = rows_host if rows_host is not None or rows is None else rows.cpu()
+        self.rows_host = rows_host  # the same rows on the host, where the fill lengths live
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, enable_gqa: bool) -> torch.Tensor:
         layer = self.layer
@@ -183,22 +183,11 @@ class KVCache:
     def dense_slot(self, layer_id: int) -> CacheSlot:
         return CacheSlot(self.layers[layer_id], self._valid, None, None)
 
-    def routed_slot(self, layer_id: int, chosen, pos, *, idx=None, rows=None) -> CacheSlot:
-        """Slot for the rows `rows` (None: all) writing the tokens `idx` (None: all T) of `chosen`."""
-        counts = chosen.sum(1).cpu()
-        rows_host = None
-        if rows is not None:
-            rows_host = rows.cpu()
-            counts = counts[rows_host]
-            pos = pos[rows]
-        if idx is not None:
-            pos = pos.gather(1, idx)
-        return CacheSlot(self.layers[layer_id], counts, rows, pos, rows_host)
-
-    def decode_slot(self, layer_id: int, rows: torch.Tensor | None, rows_host: torch.Tensor | None, pos) -> CacheSlot:
-        """Slot for one new token in each of the rows `rows` (None: all rows)."""
-        n = self.batch_size if rows_host is None else rows_host.numel()
-        return CacheSlot(self.layers[layer_id], torch.ones(n, dtype=torch.long), rows, pos, rows_host)
+    def routed_slot(self, layer_id: int, counts: torch.Tensor, positions: torch.Tensor, *,
+                    rows: torch.Tensor | None = None, rows_host: torch.Tensor | None = None) -> CacheSlot:
+        """Slot for the rows `rows` (None: all rows) of a routed layer, each writing `counts[i]` real
+        tokens (host, (N,)) whose original positions are `positions` (N, K)."""
+        return CacheSlot(self.layers[layer_id], counts, rows, positions, rows_host)
 
     # ---- accounting ---------------------------------------------------------------------------
     def _bytes_per_token(self) -> int:

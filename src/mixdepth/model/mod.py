@@ -108,7 +108,7 @@ class MoDBlock(Block):
         info: dict = {}
         if mode == "dense":
             chosen = torch.ones(B, T, dtype=torch.bool, device=x.device) if valid is None else valid
-            slot = cache.routed_slot(self.layer_id, chosen, pos) if cache is not None else None
+            slot = cache.routed_slot(self.layer_id, chosen.sum(1).cpu(), pos) if cache is not None else None
             cos, sin = rope(pos)
             out = x + self.delta(x, cos, sin, slot) * self.gate(r)[..., None].to(x.dtype)
             info["chosen"] = chosen
@@ -166,22 +166,23 @@ class MoDBlock(Block):
             info["causal_acc"] = (chosen == target).float().mean()
         if cache is not None and T == 1:
             return self._decode_step(x, rope, pos, r, chosen, cache), info
-        counts = chosen.sum(1)  # (B,)
-        K = int(counts.max())  # one host sync: the block's shape depends on it
+        counts = chosen.sum(1).cpu()  # (B,) one host sync: the block's shape depends on it
+        K = int(counts.max())
         if K == 0:
             return x, info
         if cache is None:
             idx, ok = chosen_first(chosen, K)
             return self._run_block(x, rope, pos, idx, ok, r), info
         # with a cache: only the rows where some token chose the block run it
-        rows = counts.nonzero().squeeze(1)  # (N,)
-        if rows.numel() == B:
+        rows_host = counts.nonzero().squeeze(1)  # (N,)
+        if rows_host.numel() == B:
             idx, ok = chosen_first(chosen, K)
-            slot = cache.routed_slot(self.layer_id, chosen, pos, idx=idx)
+            slot = cache.routed_slot(self.layer_id, counts, pos.gather(1, idx))
             return self._run_block(x, rope, pos, idx, ok, r, slot), info
+        rows = rows_host.to(x.device, non_blocking=True)
         xr, cr, pr, rr = x[rows], chosen[rows], pos[rows], r[rows]  # (N, T, ...)
         idx, ok = chosen_first(cr, K)
-        slot = cache.routed_slot(self.layer_id, chosen, pos, idx=idx, rows=rows)
+        slot = cache.routed_slot(self.layer_id, counts[rows_host], pr.gather(1, idx), rows=rows, rows_host=rows_host)
         out_rows = self._run_block(xr, rope, pr, idx, ok, rr, slot)
         return x.index_copy(0, rows, out_rows), info
 
@@ -194,10 +195,11 @@ class MoDBlock(Block):
             return x
         if N == B:
             cos, sin = rope(pos)
-            delta = self.delta(x, cos, sin, cache.decode_slot(self.layer_id, None, None, pos))  # (B, 1, D)
+            delta = self.delta(x, cos, sin, cache.routed_slot(self.layer_id, torch.ones(B, dtype=torch.long), pos))
             return x + delta * self.gate(r)[..., None].to(delta.dtype)
         rows = rows_host.to(x.device, non_blocking=True)
         ps = pos.index_select(0, rows)  # (N, 1)
         cos, sin = rope(ps)
-        delta = self.delta(x.index_select(0, rows), cos, sin, cache.decode_slot(self.layer_id, rows, rows_host, ps))
+        slot = cache.routed_slot(self.layer_id, torch.ones(N, dtype=torch.long), ps, rows=rows, rows_host=rows_host)
+        delta = self.delta(x.index_select(0, rows), cos, sin, slot)  # (N, 1, D)
         return x.index_add(0, rows, delta * self.gate(r.index_select(0, rows))[..., None].to(delta.dtype))
