@@ -135,3 +135,78 @@ def test_python_dash_m_entry_point():
                           "2"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 2
     assert len(res.stderr.strip().splitlines()) == 1 and "routing.capacity" in res.stderr
+
+
+@pytest.mark.parametrize("command", [["flops"], ["bench", "train"], ["train"]])
+def test_config_file_with_an_unknown_section_is_refused(tmp_path, capsys, command):
+    """A misspelt section used to be ignored silently; every command that reads --config refuses it."""
+    bad = tmp_path / "run.json"
+    bad.write_text(json.dumps({"rounting": {"capacity": 0.25}}))
+    assert _exit_code([*command, "--config", str(bad), "--preset", "debug"]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and "'rounting'" in lines[0] and "known: model, routing, train" in lines[0], lines
+    assert captured.out == ""
+
+
+def test_config_file_train_section_is_read_by_train_and_ignored_elsewhere(tmp_path, capsys):
+    from mixdepth.cli import build_parser
+    from mixdepth.commands.train import config_from_args
+
+    cfg_file = tmp_path / "run.json"
+    cfg_file.write_text(json.dumps({"routing": {"capacity": 0.25}, "train": {"lr": 5e-4}}))
+    assert main(["flops", "--preset", "debug", "--config", str(cfg_file)]) == 0
+    assert "capacity=0.25" in capsys.readouterr().out
+    args = build_parser().parse_args(["train", "--config", str(cfg_file), "--out", str(tmp_path / "r")])
+    cfg = config_from_args(args)
+    assert cfg.lr == 5e-4 and cfg.model.routing.capacity == 0.25
+
+
+def test_flops_notes_a_length_beyond_max_seq_len(capsys):
+    max_len = ModelConfig.from_name("debug").max_seq_len
+    assert main(["flops", "--preset", "debug", "--seq-len", str(2 * max_len)]) == 0
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert notes == [f"note: --seq-len {2 * max_len} exceeds the model's max_seq_len {max_len} (analytic count only)"]
+    assert main(["flops", "--preset", "debug", "--seq-len", str(max_len)]) == 0
+    assert "note:" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", [["train"], ["eval", "--checkpoint", "x"], ["bench"],
+                                     ["generate", "--checkpoint", "x", "--prompt", "p"]])
+def test_device_flags_are_one_vocabulary(command):
+    from mixdepth.cli import build_parser
+
+    takes_dtype = command[0] in ("train", "bench")
+    args = build_parser().parse_args(command)
+    device = getattr(args, "train.device" if command[0] == "train" else "device")
+    assert device == (None if command[0] == "train" else "auto")  # train: unset, so run.json and --config apply
+    for name in ("auto", "cpu", "cuda", "cuda:1"):
+        args = build_parser().parse_args([*command, "--device", name])
+        assert getattr(args, "train.device" if command[0] == "train" else "device") == name
+    if takes_dtype:
+        for name in ("auto", "fp32", "bf16"):
+            args = build_parser().parse_args([*command, "--dtype", name])
+            assert getattr(args, "train.dtype" if command[0] == "train" else "dtype") == name
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["bench", "--dtype", "float32"], ["--dtype", "float32"]),
+    (["eval", "--checkpoint", "x", "--device", "cuda:x"], ["--device", "cuda:x"]),
+    (["generate", "--checkpoint", "x", "--prompt", "p", "--device", "mps"], ["--device", "mps"]),
+    (["train", "--device", "gpu"], ["--device", "gpu"]),
+    (["train", "--dtype", "fp16"], ["--dtype", "fp16"]),
+])
+def test_bad_device_or_dtype_is_one_line(capsys, argv, words):
+    assert _exit_code(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and all(w in lines[0] for w in words), lines
+
+
+def test_train_device_flag_reaches_the_config(tmp_path):
+    from mixdepth.cli import build_parser
+    from mixdepth.commands.train import config_from_args
+
+    for flag in ("--device", "--train.device"):
+        args = build_parser().parse_args(["train", flag, "cuda:1", "--dtype", "bf16", "--out", str(tmp_path)])
+        cfg = config_from_args(args)  # TrainConfig accepts cuda:N (resolving it needs CUDA, building does not)
+        assert cfg.device == "cuda:1" and cfg.dtype == "bf16"

@@ -122,3 +122,18 @@ def test_run_eval_corrupt_trainer_json_names_the_file(tmp_path, debug_cfg):
         run_eval(ck, batches=1)
     msg = str(e.value)
     assert "trainer.json" in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("seq_len", [0, -4])
+def test_eval_refuses_a_sequence_length_below_one(tmp_path, debug_cfg, capsys, seq_len):
+    """`--seq-len 0` used to fall back to the training length; now it is refused, by the CLI and by run_eval."""
+    ck = _checkpoint(tmp_path, MoDTransformer(debug_cfg()))
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--checkpoint", str(ck), "--seq-len", str(seq_len)])
+    assert e.value.code == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mixdepth eval: error:") and "--seq-len" in err[0], err
+    assert captured.out == ""
+    with pytest.raises(ValueError, match=f"seq_len must be in .*got {seq_len}"):
+        run_eval(ck, batches=1, seq_len=seq_len)

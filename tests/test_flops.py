@@ -106,11 +106,11 @@ def test_decode_flops_per_token_match_counter(debug_cfg, routed):
         model.calibrate_causal(ids, 0.5)
         f = 1.0 if routed == "all" else 0.0
         model.set_causal_fraction(f)  # 1: every token routes, 0: none, whatever the scores
-    model.setup_cache(1, 32)
-    model(ids[:, :ctx], mode="causal", input_pos=torch.tensor([0]))
-    counted = _counted(lambda: model(ids[:, ctx:], mode="causal", input_pos=torch.tensor([ctx])))
+    cache = model.make_cache(1, 32)
+    model(ids[:, :ctx], mode="causal", cache=cache, input_pos=torch.tensor([0]))
+    counted = _counted(lambda: model(ids[:, ctx:], mode="causal", cache=cache, input_pos=torch.tensor([ctx])))
     if routed != "none":
-        assert all(int(v[0]) == (ctx + 1 if f else 0) for v in model.kv_cache.routed_counts().values())
+        assert all(int(v[0]) == (ctx + 1 if f else 0) for v in cache.routed_counts().values())
     _check(counted, flops.decode_flops_per_token(cfg, ctx, routed_fraction=f))
 
 
@@ -119,13 +119,13 @@ def test_kv_bytes_per_token_match_cache(debug_cfg):
     model = MoDTransformer(cfg)
     ids = torch.randint(0, cfg.vocab_size, (1, T))
     model.calibrate_causal(ids, 0.3)
-    model.setup_cache(1, 64)
-    model(ids, mode="causal", input_pos=torch.tensor([0]))
-    frac = int(model.kv_cache.routed_counts()[1][0]) / T
+    cache = model.make_cache(1, 64)
+    model(ids, mode="causal", cache=cache, input_pos=torch.tensor([0]))
+    frac = int(cache.routed_counts()[1][0]) / T
     assert 0 < frac < 1
-    got = model.kv_cache.bytes_in_use()
+    got = cache.bytes_in_use()
     assert flops.kv_bytes_per_token(cfg, 4, routed_fraction=frac) * T == pytest.approx(got)
-    assert flops.kv_bytes_per_token(cfg.with_routing(router="none"), 4) * T == model.kv_cache.dense_bytes()
+    assert flops.kv_bytes_per_token(cfg.with_routing(router="none"), 4) * T == cache.dense_bytes()
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))

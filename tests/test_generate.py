@@ -82,10 +82,10 @@ def test_chunked_prefill_matches_unchunked(model, chunk_size):
         tokens[b, : len(p)] = torch.tensor(p)
     lens = torch.tensor([len(p) for p in PROMPTS])
 
-    model.setup_cache(len(PROMPTS))
-    ref_logits, ref_routing = prefill(model, tokens, lens)
-    model.setup_cache(len(PROMPTS))
-    logits, routing = prefill(model, tokens, lens, chunk_size=chunk_size)
+    cache = model.make_cache(len(PROMPTS))
+    ref_logits, ref_routing = prefill(model, cache, tokens, lens)
+    cache = model.make_cache(len(PROMPTS))
+    logits, routing = prefill(model, cache, tokens, lens, chunk_size=chunk_size)
     torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
     for lid in ref_routing:
         assert torch.equal(routing[lid], ref_routing[lid])
@@ -101,10 +101,10 @@ def test_prefill_and_decode_one_logits_match_full_forward(model):
     for b, p in enumerate(PROMPTS):
         tokens[b, : len(p)] = torch.tensor(p)
     lens = torch.tensor([len(p) for p in PROMPTS])
-    model.setup_cache(B)
-    logits, _ = prefill(model, tokens, lens, chunk_size=3)
+    cache = model.make_cache(B)
+    logits, _ = prefill(model, cache, tokens, lens, chunk_size=3)
     nxt = torch.tensor([11, 22, 33])
-    step_logits, _ = decode_one(model, nxt, lens)
+    step_logits, _ = decode_one(model, cache, nxt)
     with torch.no_grad():
         for b, p in enumerate(PROMPTS):
             full = model(torch.tensor([p + [int(nxt[b])]]), mode="causal").logits[0]
@@ -182,7 +182,7 @@ def test_skipped_tokens_store_no_kv(model):
     # row 1 stops after 2 tokens; later steps pass it as padding, which must store nothing
     res = run(model, PROMPTS, max_new_tokens=9, stop=[tuple(free.tokens[1][:2])])
     assert len(res.tokens[1]) == 2 and len(res.tokens[0]) == 9
-    cache = model.kv_cache
+    cache = res.cache
     for j, lid in enumerate(res.routed_layers):
         layer = cache.layers[lid]
         for b, r in enumerate(res.routing):
@@ -383,3 +383,45 @@ def test_stream_returns_the_result_as_stop_iteration_value(model):
         while True:
             steps.append(int(next(stream)[0]))
     assert e.value.value is stream.result and stream.result.tokens == [steps]
+
+
+# ---- generation state is per call ------------------------------------------------------------------
+def test_concurrent_generations_with_different_fractions_match_alone():
+    """Two generations at different routed fractions, on one model, from two threads at once, give
+    exactly the tokens each gives alone: no generation state lives on the model."""
+    import threading
+
+    model = make_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    kw = dict(max_new_tokens=24, temperature=0.9, top_k=50, seed=3)
+    alone = {f: run(model, PROMPTS, fraction=f, **kw) for f in (0.2, 0.8)}
+    assert alone[0.2].tokens != alone[0.8].tokens  # the fractions really change the generation
+    assert alone[0.2].routed_fraction != alone[0.8].routed_fraction
+    for _ in range(3):
+        got: dict[float, object] = {}
+        start = threading.Barrier(2)
+
+        def work(f: float, got=got, start=start) -> None:
+            start.wait()
+            got[f] = run(model, PROMPTS, fraction=f, **kw)
+
+        threads = [threading.Thread(target=work, args=(f,)) for f in alone]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for f, res in alone.items():
+            assert got[f].tokens == res.tokens
+            assert got[f].routed_fraction == res.routed_fraction
+    # and the model itself (weights, calibrated thresholds) is as it was
+    after = model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
+
+
+def test_fraction_thresholds_are_per_call(model):
+    ids = torch.tensor([PROMPTS[0]])
+    calibrated = model(ids, mode="causal", return_routing=True).routing
+    everything = model(ids, mode="causal", return_routing=True, thresholds=model.causal_thresholds(1.0)).routing
+    assert all(m.all() for m in everything.values())
+    again = model(ids, mode="causal", return_routing=True).routing
+    assert all(torch.equal(again[i], calibrated[i]) for i in calibrated)

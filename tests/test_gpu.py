@@ -22,9 +22,10 @@ def test_cached_decoding_matches_full_forward_on_cuda(router):
     with torch.no_grad():
         model.calibrate_causal(ids, 0.3)
         full = model(ids, mode="causal").logits
-        model.setup_cache(3, 64)
-        model(ids[:, :17], mode="causal", input_pos=torch.zeros(3, dtype=torch.long))
-        steps = [model(ids[:, t:t + 1], mode="causal", input_pos=torch.full((3,), t)).logits for t in range(17, 40)]
+        cache = model.make_cache(3, 64)
+        model(ids[:, :17], mode="causal", cache=cache, input_pos=torch.zeros(3, dtype=torch.long))
+        steps = [model(ids[:, t:t + 1], mode="causal", cache=cache, input_pos=torch.full((3,), t)).logits
+                 for t in range(17, 40)]
     torch.testing.assert_close(torch.cat(steps, 1), full[:, 17:], rtol=1e-4, atol=1e-4)
 
 

@@ -20,6 +20,7 @@ from mixdepth.plots import (  # noqa: E402
     read_metrics,
     routing_map_from_model,
     save_decisions,
+    token_strings,
 )
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -196,3 +197,22 @@ def test_cli_loss_and_stats(tmp_path):
     read_png(tmp_path / "c.png")
     assert main(["plot", "stats", str(a), "--out", str(tmp_path / "s.png")]) == 0
     read_png(tmp_path / "s.png")
+
+
+def test_token_strings_show_bytes_and_control_characters_as_ids():
+    """One label rule for `plot routing` and `generate --routing-map`: text where a token has its own
+    printable text, else its id (hex for a byte-level tokenizer)."""
+    from mixdepth.data import ByteTokenizer
+
+    tok = ByteTokenizer()
+    assert token_strings(tok, tok.encode("é\x01a \n")) == ["<c3>", "<a9>", "<01>", "a", " ", "\n"]
+
+    class Words:
+        vocab = {0: "hi", 1: "\x07", 2: "\ufffd"}
+
+        def decode(self, ids):
+            if ids[0] not in self.vocab:
+                raise KeyError(ids[0])
+            return self.vocab[ids[0]]
+
+    assert token_strings(Words(), [0, 1, 2, 300]) == ["hi", "<1>", "<2>", "<300>"]

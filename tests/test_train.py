@@ -201,7 +201,7 @@ def test_cli_resume_guards(tmp_path, capsys, caplog):
 
 def test_resume_with_a_train_only_config_file_keeps_the_run_model(tmp_path):
     from mixdepth.cli import build_parser
-    from mixdepth.train import config_from_args
+    from mixdepth.commands.train import config_from_args
 
     out = tmp_path / "run"
     out.mkdir()

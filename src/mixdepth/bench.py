@@ -19,11 +19,7 @@ the calibration fixes (the measured fraction is part of each decode record).
 
 from __future__ import annotations
 
-import argparse
-import ctypes
-import json
 import logging
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -32,6 +28,7 @@ import torch
 
 from . import flops
 from .config import ModelConfig
+from .runtime import compile_blocks
 
 log = logging.getLogger("mixdepth")
 
@@ -69,13 +66,6 @@ def _alternate(fns: dict[str, Callable[[], None]], device, warmup: int, iters: i
         for k, fn in fns.items():
             times[k].append(_timeit(fn, device))
     return {k: statistics.median(v) for k, v in times.items()}
-
-
-def compile_blocks(model) -> None:
-    """torch.compile each block in place (torchtitan style): static shapes in topk mode, so one graph
-    per block; the model object stays the same for saving and evaluation."""
-    for layer in model.layers:
-        layer.compile()
 
 
 def build_pair(cfg: ModelConfig, device, dtype, seed: int = 0):
@@ -151,20 +141,6 @@ def bench_sweep(cfg: ModelConfig, batch_size: int, seq_len: int, capacities: lis
     return recs
 
 
-def steady_allocator() -> None:
-    """Keep freed memory in glibc's heap instead of returning it to the OS after every step.
-
-    Otherwise every large activation is a fresh mmap whose pages fault in on first touch, a cost
-    that falls unevenly on models whose tensors differ in size and adds run-to-run noise.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 32 * 1024 * 1024)  # M_MMAP_THRESHOLD: its largest allowed value
-        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):
-        pass
-
-
 @torch.no_grad()
 def bench_prefill(cfg: ModelConfig, batch_size: int, seq_len: int, *, device, dtype, warmup=1, iters=5,
                   compile=False) -> dict:
@@ -195,22 +171,20 @@ def bench_decode(cfg: ModelConfig, batch_size: int, context: int, new_tokens: in
     mod.calibrate_causal(stream, cfg.routing.capacity)
     prompt = stream[:, :context]
     S = context + new_tokens
-    for m in (dense, mod):
-        m.setup_cache(batch_size, S, dtype=dtype, device=device)
-
+    caches = {name: m.make_cache(batch_size, S, dtype=dtype, device=device) for name, m in (("dense", dense),
+                                                                                            ("mod", mod))}
     states = {}
     for name, m in (("dense", dense), ("mod", mod)):  # prefill once; each round decodes from there
-        m(prompt, mode="causal", input_pos=torch.zeros(batch_size, dtype=torch.long), last_only=True)
-        states[name] = m.kv_cache.fill_state()
+        m(prompt, mode="causal", cache=caches[name], last_only=True)
+        states[name] = caches[name].fill_state()
 
     def run(name: str, m) -> float:
-        m.kv_cache.restore_fill(states[name])
-        B = batch_size
+        cache = caches[name]
+        cache.restore_fill(states[name])
         _sync(device)
         t0 = time.perf_counter()
         for i in range(new_tokens):
-            out = m(stream[:, context + i : context + i + 1], mode="causal",
-                    input_pos=torch.full((B,), context + i, dtype=torch.long))
+            out = m(stream[:, context + i : context + i + 1], mode="causal", cache=cache)
             out.logits[:, -1].argmax(-1)
         _sync(device)
         return time.perf_counter() - t0
@@ -221,7 +195,7 @@ def bench_decode(cfg: ModelConfig, batch_size: int, context: int, new_tokens: in
         times["dense"].append(run("dense", dense))
         times["mod"].append(run("mod", mod))
     td, tm = statistics.median(times["dense"]), statistics.median(times["mod"])
-    cache, dense_cache = mod.kv_cache, dense.kv_cache
+    cache, dense_cache = caches["mod"], caches["dense"]
     kv_ratio = cache.bytes_in_use() / dense_cache.bytes_in_use()
     kv_alloc = cache.bytes_allocated() / dense_cache.bytes_allocated()
     decoded = batch_size * new_tokens
@@ -275,99 +249,3 @@ def bench_memory(cfg: ModelConfig, batch_size: int, seq_len: int, *, device, dty
             rec[f"{name}_peak_bytes"] = torch.cuda.max_memory_allocated(device) - base
         rec["peak_ratio"] = rec["mod_peak_bytes"] / rec["dense_peak_bytes"]
     return rec
-
-
-# ---- CLI ------------------------------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .cli import add_model_args
-
-    parser.add_argument("what", nargs="?", default="all",
-                        choices=["train", "prefill", "decode", "memory", "sweep", "all"],
-                        help="which benchmark to run (default: all = train, prefill, decode, memory)")
-    add_model_args(parser, default_preset="bench")
-    parser.add_argument("--batch-size", type=int, default=4, help="sequences per step for train/prefill/memory")
-    parser.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence for train/prefill/memory")
-    parser.add_argument("--decode-batches", default="1,8,32", help="comma-separated decode batch sizes")
-    parser.add_argument("--context", type=int, default=512, help="tokens in the cache before decoding")
-    parser.add_argument("--new-tokens", type=int, default=64, help="decode steps timed per round")
-    parser.add_argument("--rounds", type=int, default=7, help="decode: timed rounds per model (median)")
-    parser.add_argument("--capacities", default="1.0,0.5,0.25,0.125", help="sweep: comma-separated capacities")
-    parser.add_argument("--route-every", default="1,2", help="sweep: comma-separated route_every values")
-    parser.add_argument("--iters", type=int, default=5, help="timed training or prefill iterations per model (median)")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                        help="auto: bfloat16 on CUDA, float32 on CPU")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the models (train and prefill)")
-    parser.add_argument("--json", default=None, metavar="FILE", help="write the records as a JSON list")
-
-
-def _fmt(rec: dict) -> str:
-    if rec["case"] == "memory":
-        s = f"{'memory':<18} activations saved for backward: dense {rec['dense_activation_bytes'] / 2**20:,.0f} MiB, " \
-            f"MoD {rec['mod_activation_bytes'] / 2**20:,.0f} MiB ({rec['activation_ratio']:.2f}x)"
-        if "peak_ratio" in rec:
-            s += f"; CUDA peak {rec['peak_ratio']:.2f}x"
-        return s
-    s = (f"{rec['case']:<18} {rec['dense_tok_s']:>12,.0f} {rec['mod_tok_s']:>12,.0f} {rec['ratio']:>7.2f}x "
-         f"{rec['ideal_ratio']:>7.2f}x {rec['efficiency']:>6.2f}")
-    if "kv_bytes_ratio" in rec:
-        s += f"   kv {rec['kv_bytes_ratio']:.2f}x (alloc {rec['kv_alloc_ratio']:.2f}x), " \
-             f"routed {rec['routed_frac_decode']:.3f}"
-    return s
-
-
-def _numbers(text: str, kind: type, flag: str) -> list:
-    try:
-        values = [kind(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise ValueError(f"{flag} must be comma-separated {kind.__name__}s, got {text!r}") from None
-    if not values or any(v <= 0 for v in values):
-        raise ValueError(f"{flag} must list positive numbers, got {text!r}")
-    return values
-
-
-def run(args: argparse.Namespace) -> int:
-    from .cli import CLIError, model_config_from_args
-    from .train import resolve_device
-
-    cfg = model_config_from_args(args)
-    steady_allocator()
-    if cfg.routing.router == "none":
-        raise CLIError("bench compares a routed model with its dense twin: --routing.router must not be none")
-    dev = resolve_device(args.device)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(args.dtype) or \
-        (torch.bfloat16 if dev.type == "cuda" else torch.float32)
-    need = max(args.seq_len, args.context + args.new_tokens)
-    if need > cfg.max_seq_len:
-        cfg = ModelConfig.from_dict({**cfg.to_dict(), "max_seq_len": need})
-    batches = _numbers(args.decode_batches, int, "--decode-batches")
-    what = ["train", "prefill", "decode", "memory"] if args.what == "all" else [args.what]
-    dev_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else \
-        f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
-    print(f"device: {dev_name}; dtype {str(dtype).replace('torch.', '')}; torch {torch.__version__}")
-    print(f"model: dim={cfg.dim} layers={cfg.n_layers} heads={cfg.n_heads} ffn={cfg.ffn_dim} vocab={cfg.vocab_size}; "
-          f"router={cfg.routing.router} capacity={cfg.routing.capacity} routed layers={cfg.routed_layer_ids}")
-    print(f"{'case':<18} {'dense tok/s':>12} {'MoD tok/s':>12} {'ratio':>8} {'ideal':>8} {'eff.':>6}")
-    records = []
-    kw = dict(device=dev, dtype=dtype)
-    for w in what:
-        if w == "train":
-            recs = [bench_train(cfg, args.batch_size, args.seq_len, iters=args.iters, compile=args.compile, **kw)]
-        elif w == "prefill":
-            recs = [bench_prefill(cfg, args.batch_size, args.seq_len, iters=max(args.iters, 3), compile=args.compile,
-                                  **kw)]
-        elif w == "sweep":
-            recs = bench_sweep(cfg, args.batch_size, args.seq_len, _numbers(args.capacities, float, "--capacities"),
-                               _numbers(args.route_every, int, "--route-every"), iters=args.iters, **kw)
-        elif w == "decode":
-            recs = [bench_decode(cfg, b, args.context, args.new_tokens, rounds=args.rounds, **kw) for b in batches]
-        else:
-            recs = [bench_memory(cfg, args.batch_size, args.seq_len, **kw)]
-        for r in recs:
-            r["device"] = dev_name
-            print(_fmt(r), flush=True)
-        records += recs
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(records, f, indent=2)
-    return 0

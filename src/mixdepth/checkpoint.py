@@ -30,6 +30,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig
+from .files import fsync_dir, fsync_file, read_json_file, write_text_atomic
 
 log = logging.getLogger("mixdepth")
 
@@ -38,50 +39,6 @@ _STEP_RE = re.compile(r"^step-(\d+)$")
 
 
 # ---- small file helpers ---------------------------------------------------------------------------
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some platforms cannot open directories; the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write `text` to `path` through a fsynced temporary file and `os.replace` (never a half-written file)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Write JSON to `path` atomically (`write_text_atomic`)."""
-    write_text_atomic(path, json.dumps(obj, indent=1) + "\n")
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ValueError(f"checkpoint file missing: {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"checkpoint file {path} is truncated or corrupt (not valid JSON: {e})") from None
-
-
 def _load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if not path.exists():
         raise ValueError(f"checkpoint file missing: {path}")
@@ -179,13 +136,13 @@ def _write_folder(tmp: Path, model, optimizer, trainer_state, tokenizer) -> None
         tokenizer.save(tmp)
     files = sorted(p.name for p in tmp.iterdir() if p.is_file())
     for name in files:
-        _fsync_file(tmp / name)
+        fsync_file(tmp / name)
     manifest = {"format": FORMAT, "files": {name: (tmp / name).stat().st_size for name in files}}
     with open(tmp / "manifest.json", "w") as f:
         f.write(json.dumps(manifest, indent=1) + "\n")
         f.flush()
         os.fsync(f.fileno())
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
 
 
 def save_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
@@ -223,7 +180,7 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     if path.parent.name == "checkpoints":
         run_dir = path.parent.parent
         write_text_atomic(run_dir / "latest", f"checkpoints/{path.name}\n")
@@ -240,7 +197,7 @@ def verify_checkpoint(path: str | Path) -> Path:
     ckpt = resolve_checkpoint(path)
     mpath = ckpt / "manifest.json"
     if mpath.exists():
-        manifest = _read_json(mpath)
+        manifest = read_json_file(mpath, "checkpoint file")
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise ValueError(f"{mpath} is not a mixdepth checkpoint manifest (format {FORMAT} expected)")
         for name, size in manifest.get("files", {}).items():
@@ -257,7 +214,7 @@ def load_config(path: str | Path) -> ModelConfig:
     """The `ModelConfig` of a checkpoint (folder or run folder)."""
     ckpt = resolve_checkpoint(path)
     cpath = ckpt / "config.json"
-    data = _read_json(cpath)
+    data = read_json_file(cpath, "checkpoint file")
     try:
         return ModelConfig.from_dict(data)
     except (ValueError, TypeError) as e:
@@ -328,7 +285,7 @@ def load_training_state(path: str | Path, model: torch.nn.Module,
     if optimizer is not None:
         _load_optimizer(model, optimizer, ckpt)
     tpath = ckpt / "trainer.json"
-    return _read_json(tpath) if tpath.exists() else {}
+    return read_json_file(tpath, "checkpoint file") if tpath.exists() else {}
 
 
 def _first_difference(a: dict, b: dict, prefix: str = "") -> str:
@@ -344,7 +301,7 @@ def _first_difference(a: dict, b: dict, prefix: str = "") -> str:
 
 
 def _load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ckpt: Path) -> None:
-    info = _read_json(ckpt / "optimizer.json")
+    info = read_json_file(ckpt / "optimizer.json", "checkpoint file")
     tensors, _ = _load_safetensors(ckpt / "optimizer.safetensors")
     names = {id(p): n for n, p in model.named_parameters()}
     groups = info.get("param_groups", [])

@@ -13,9 +13,12 @@ import dataclasses
 import json
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .files import read_json_file
 
 log = logging.getLogger("mixdepth")
 
@@ -23,6 +26,7 @@ ROUTERS = ("expert_choice", "token_choice", "random", "none")
 GATES = ("raw", "sigmoid", "straight_through")
 MODES = ("topk", "causal", "dense")
 CAUSAL_METHODS = ("predictor", "aux_loss")
+DTYPES = ("auto", "fp32", "bf16")
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -30,17 +34,9 @@ def _check(cond: bool, msg: str) -> None:
         raise ValueError(msg)
 
 
-def read_json_file(path: str | Path) -> Any:
-    """Parse a JSON file (settings, run or trainer state); a missing or malformed file is a one-line
-    `ValueError` naming it."""
-    path = Path(path)
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ValueError(f"file not found: {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        detail = f"{e.msg}, line {e.lineno}" if isinstance(e, json.JSONDecodeError) else "not UTF-8 text"
-        raise ValueError(f"{path} is not valid JSON ({detail})") from None
+def is_device_name(name: object) -> bool:
+    """`auto`, `cpu`, `cuda` or `cuda:N`: the device words of every config and command."""
+    return isinstance(name, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", name) is not None
 
 
 class _Serializable:

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import read_json_file
+from .files import read_json_file, read_text_file
 
 log = logging.getLogger("mixdepth")
 
@@ -145,23 +145,12 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
 
 
 # ---- corpus ---------------------------------------------------------------------------------------
-def read_text_file(path: Path) -> str:
-    """Read one UTF-8 text file (BOM stripped, CRLF -> LF); binary files give a one-line error."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise ValueError(f"corpus file not found: {path}") from None
-    except IsADirectoryError:
-        raise ValueError(f"corpus path {path} is a directory") from None
-    if b"\x00" in raw:
-        raise ValueError(f"corpus file {path} looks binary (it contains NUL bytes); pass a UTF-8 text file")
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise ValueError(
-            f"corpus file {path} is not UTF-8 text (invalid byte at offset {e.start}); pass a UTF-8 text file"
-        ) from None
-    return text.replace("\r\n", "\n").replace("\r", "\n")
+def read_prompts(path: str | Path) -> list[str]:
+    """The prompts of a text file, one per line; blank lines are skipped, and a file with none is an error."""
+    prompts = [line for line in read_text_file(path, "prompts file").splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"prompts file {path} holds no prompt (one per line)")
+    return prompts
 
 
 def fetch_shakespeare(cache_dir: str | Path | None = None) -> Path:

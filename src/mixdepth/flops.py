@@ -7,7 +7,8 @@ Conventions (checked against `torch.utils.flop_counter.FlopCounterMode` in the t
   `FlopCounterMode` reports under the math SDPA backend. A causal kernel that skips the masked
   half does less work than this count.
 - A routed layer counts k = ceil(C*T) tokens through its block and k^2 attention, plus its
-  router (2*D*T) and predictor on all T tokens.
+  router's own cost on all T tokens (`Router.flops_per_token`: the router's dot product, and the
+  expert-choice predictor where it runs).
 - A training step is forward + backward = 3x the forward, less the input gradient of the
   predictor's first layer, which is never computed (its input is detached).
 - Decoding counts the expected cost per token at a context length, with a routed layer's block
@@ -20,6 +21,7 @@ import dataclasses
 import math
 
 from .config import ModelConfig
+from .model.routers import router_class
 
 
 def _block_matmul_params(cfg: ModelConfig) -> int:
@@ -29,41 +31,19 @@ def _block_matmul_params(cfg: ModelConfig) -> int:
     return cfg.dim * q + 2 * cfg.dim * kv + q * cfg.dim + 3 * cfg.dim * cfg.ffn_dim
 
 
-def _predictor_hidden(cfg: ModelConfig) -> int:
-    return cfg.routing.predictor_hidden or max(1, cfg.dim // 8)
-
-
-def _router_flops_per_token(cfg: ModelConfig) -> tuple[int, int]:
-    """(router, predictor) forward FLOPs per token of one routed layer."""
-    r = cfg.routing.router
-    if r == "expert_choice":
-        h = _predictor_hidden(cfg)
-        return 2 * cfg.dim, 2 * (cfg.dim * h + h)
-    if r == "token_choice":
-        return 4 * cfg.dim, 0
-    return 0, 0
 
 
 def param_counts(cfg: ModelConfig) -> dict[str, int]:
     """Parameter counts by part. `total` counts a tied embedding once."""
     block = _block_matmul_params(cfg) + 2 * cfg.dim  # + two RMSNorm weights
     n_routed = len(cfg.routed_layer_ids)
-    rkind = cfg.routing.router
-    router = {"expert_choice": cfg.dim, "token_choice": 2 * cfg.dim}.get(rkind, 0)
-    h = _predictor_hidden(cfg)
-    predictor = (cfg.dim * h + h + h + 1) if rkind == "expert_choice" else 0
+    parts = router_class(cfg).param_counts(cfg)  # the router's own parts, by name
     embedding = cfg.vocab_size * cfg.dim
     head = 0 if cfg.tie_embeddings else embedding
-    total = embedding + head + cfg.n_layers * block + cfg.dim + n_routed * (router + predictor)
-    return {
-        "total": total,
-        "embedding": embedding,
-        "lm_head": head,
-        "blocks": cfg.n_layers * block,
-        "routers": n_routed * router,
-        "predictors": n_routed * predictor,
-        "non_embedding": total - embedding,
-    }
+    routing = {name: n_routed * n for name, n in parts.items()}
+    total = embedding + head + cfg.n_layers * block + cfg.dim + sum(routing.values())
+    return {"total": total, "embedding": embedding, "lm_head": head, "blocks": cfg.n_layers * block, **routing,
+            "non_embedding": total - embedding}
 
 
 def _attn_flops(cfg: ModelConfig, t: float, s: float) -> float:
@@ -93,10 +73,7 @@ def forward_flops(cfg: ModelConfig, seq_len: int, batch_size: int = 1, *, mode: 
             k = T * (cfg.routing.capacity if routed_fraction is None else routed_fraction)
         else:
             k = cfg.routing.k(T)
-        r, p = _router_flops_per_token(cfg)
-        if mode == "dense" or (mode == "causal" and cfg.routing.causal_method != "predictor"):
-            p = 0  # the predictor runs for its training loss (topk) and as the causal rule only
-        total += 2 * k * pm + _attn_flops(cfg, k, k) + T * (r + p)
+        total += 2 * k * pm + _attn_flops(cfg, k, k) + T * router_class(cfg).flops_per_token(cfg, mode)
     total += 2 * T * cfg.dim * cfg.vocab_size  # lm_head
     return batch_size * total
 
@@ -104,11 +81,8 @@ def forward_flops(cfg: ModelConfig, seq_len: int, batch_size: int = 1, *, mode: 
 def train_step_flops(cfg: ModelConfig, seq_len: int, batch_size: int = 1) -> float:
     """FLOPs of one training step (forward + backward) on `batch_size` x `seq_len` tokens."""
     fwd = forward_flops(cfg, seq_len, batch_size)
-    # the predictor's first layer gets no input gradient: its input is detached
-    no_input_grad = 0
-    if cfg.routing.router == "expert_choice":
-        no_input_grad = 2 * cfg.dim * _predictor_hidden(cfg) * seq_len * len(cfg.routed_layer_ids)
-    return 3 * fwd - batch_size * no_input_grad
+    unspent = router_class(cfg).untrained_flops_per_token(cfg) * seq_len * len(cfg.routed_layer_ids)
+    return 3 * fwd - batch_size * unspent
 
 
 def decode_flops_per_token(cfg: ModelConfig, context_len: int, routed_fraction: float | None = None) -> float:
@@ -116,13 +90,11 @@ def decode_flops_per_token(cfg: ModelConfig, context_len: int, routed_fraction: 
     f = cfg.routing.capacity if routed_fraction is None else routed_fraction
     pm = _block_matmul_params(cfg)
     routed = set(cfg.routed_layer_ids)
-    r, p = _router_flops_per_token(cfg)
-    if cfg.routing.causal_method != "predictor":
-        p = 0
+    router = router_class(cfg).flops_per_token(cfg, "causal")
     total = 2 * cfg.dim * cfg.vocab_size
     for i in range(cfg.n_layers):
         if i in routed:
-            total += r + p + f * (2 * pm + _attn_flops(cfg, 1, f * context_len + 1))
+            total += router + f * (2 * pm + _attn_flops(cfg, 1, f * context_len + 1))
         else:
             total += 2 * pm + _attn_flops(cfg, 1, context_len + 1)
     return total

@@ -6,16 +6,21 @@ section 3.5). A token that skips a routed layer costs only the router's dot prod
 stores no keys or values (`mixdepth.kvcache`).
 
 The pieces, gpt-fast style:
-- `prefill(model, tokens, valid_lengths, chunk_size)`: run right-padded prompts through the
-  cache, in chunks so a long prompt never builds a T x T attention matrix at once;
-- `decode_one(model, token, input_pos, active)`: one token per row; finished rows are masked out
+- `prefill(model, cache, tokens, valid_lengths, chunk_size)`: run right-padded prompts through
+  the cache, in chunks so a long prompt never builds a T x T attention matrix at once;
+- `decode_one(model, cache, token, active)`: one token per row; finished rows are masked out
   (they write nothing and run no routed block);
 - `sample(logits, ...)`: greedy, temperature, top-k, top-p with `torch.where` masking and the
   exponential-race sampler (argmax of p / Exp(1), sync-free) driven by an explicit generator;
 - `generate(model, prompts, ...)`: a stream of new token ids per step; its `result` holds the
   statistics (tokens/s, routed fraction per layer, work skipped, KV bytes against a dense model,
   routing decisions per token for routing maps);
-- `generate_text(model, tokenizer, prompts, ...)` on top; the CLI is `mixdepth.generate_cli`.
+- `generate_text(model, tokenizer, prompts, ...)` on top; the CLI is `mixdepth.commands.generate`.
+
+Generation state is per call: each generation makes its own KV cache (`model.make_cache`) and,
+for a routed fraction other than the calibrated one, its own thresholds
+(`model.causal_thresholds`); the model is only read, so one model can serve several generations
+at once (from several threads).
 
 Dimensions: B batch, T tokens, V vocabulary, R routed layers.
 """
@@ -29,6 +34,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .kvcache import KVCache
+
 log = logging.getLogger("mixdepth")
 
 FINISHED = -1
@@ -39,20 +46,23 @@ FINISHED = -1
 @torch.no_grad()
 def prefill(
     model,
+    cache,
     tokens: torch.Tensor,
     valid_lengths: torch.Tensor | Sequence[int] | None = None,
     chunk_size: int | None = None,
-    input_pos: torch.Tensor | Sequence[int] | None = None,
+    *,
+    thresholds: dict[int, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-    """Run right-padded prompts through the model's KV cache in causal routing mode.
+    """Run right-padded prompts through a KV cache in causal routing mode.
 
     Args:
-        model: a `MoDTransformer` with a cache (`model.setup_cache(...)`).
+        model: a `MoDTransformer`.
+        cache: its KV cache (`model.make_cache(...)`); the prompts continue what it holds.
         tokens: (B, T) token ids; row b holds `valid_lengths[b]` real tokens, then padding.
         valid_lengths: (B,) real tokens per row (default: all T).
         chunk_size: tokens per forward call (default: all at once). Chunking bounds the attention
             matrix and activations for long prompts; the result does not depend on it.
-        input_pos: (B,) tokens already in the cache per row (default: zeros, a fresh cache).
+        thresholds: per-call causal thresholds (`model.causal_thresholds(fraction)`).
 
     Returns:
         logits (B, V) at each row's last real token, and per routed layer a (B, T) bool mask of
@@ -60,7 +70,6 @@ def prefill(
     """
     B, T = tokens.shape
     valid = torch.full((B,), T, dtype=torch.long) if valid_lengths is None else _host_long(valid_lengths)
-    pos = torch.zeros(B, dtype=torch.long) if input_pos is None else _host_long(input_pos).clone()
     if valid.shape != (B,) or int(valid.min()) < 1 or int(valid.max()) > T:
         raise ValueError(f"valid_lengths must hold {B} values in [1, {T}], got {valid.tolist()}")
     chunk = T if chunk_size is None else int(chunk_size)
@@ -71,12 +80,12 @@ def prefill(
     for s in range(0, T, chunk):
         part = tokens[:, s : s + chunk]  # (B, Tc)
         n = (valid - s).clamp(0, part.shape[1])  # (B,) real tokens of each row in this chunk
-        out = model(part, mode="causal", input_pos=pos, valid_lengths=n, last_only=True, return_routing=True)
+        out = model(part, mode="causal", cache=cache, thresholds=thresholds, valid_lengths=n, last_only=True,
+                    return_routing=True)
         last = out.logits[:, 0]  # (B, V)
         # each row keeps the logits of the chunk that holds its last real token
         ends = ((n > 0) & (s + n == valid)).to(last.device)[:, None]  # (B, 1)
         logits = last if logits is None else torch.where(ends, last, logits)
-        pos += n
         for lid, m in out.routing.items():
             masks.setdefault(lid, []).append(m)
     return logits, {lid: torch.cat(ms, dim=1) for lid, ms in masks.items()}
@@ -85,18 +94,21 @@ def prefill(
 @torch.no_grad()
 def decode_one(
     model,
+    cache,
     token: torch.Tensor,
-    input_pos: torch.Tensor | Sequence[int],
     active: torch.Tensor | None = None,
+    *,
+    thresholds: dict[int, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-    """One decoding step: feed one token per row at its own position.
+    """One decoding step: feed one token per row, each at its own next position in the cache.
 
     Args:
-        model: a `MoDTransformer` whose cache holds `input_pos[b]` tokens of row b.
+        model: a `MoDTransformer`.
+        cache: its KV cache; row b continues at the `cache.seq_lengths[b]` tokens it holds.
         token: (B,) or (B, 1) token ids.
-        input_pos: (B,) host tensor, tokens already cached per row.
         active: (B,) host bool; inactive rows (finished) write no cache entry and run no routed
             block. Default: all rows active.
+        thresholds: per-call causal thresholds (`model.causal_thresholds(fraction)`).
 
     Returns:
         logits (B, V) for the next token, and per routed layer a (B,) bool of the rows whose token
@@ -106,7 +118,7 @@ def decode_one(
     valid = None
     if active is not None and not bool(active.all()):
         valid = active.to(torch.long).cpu()
-    out = model(token, mode="causal", input_pos=input_pos, valid_lengths=valid, last_only=True,
+    out = model(token, mode="causal", cache=cache, thresholds=thresholds, valid_lengths=valid, last_only=True,
                 return_routing=True)
     return out.logits[:, 0], {lid: m[:, 0] for lid, m in out.routing.items()}
 
@@ -190,6 +202,8 @@ class GenerationResult:
     kv_bytes_allocated: int = 0
     kv_bytes_dense: int = 0
     """KV bytes a dense model of the same size would hold for the same tokens."""
+    cache: KVCache | None = field(default=None, repr=False)
+    """The generation's KV cache as the generation left it, for inspection."""
 
     @property
     def new_tokens(self) -> int:
@@ -223,6 +237,7 @@ class Generation:
 
     def __init__(self, run: Callable[[Generation], Iterator[torch.Tensor]]) -> None:
         self.result: GenerationResult | None = None
+        self.cache: KVCache | None = None  # made at the first step
         self._finish: set[int] = set()
         self._gen = run(self)
 
@@ -284,8 +299,8 @@ def generate(
     step, so a bad prompt fails at the call.
 
     Args:
-        model: a `MoDTransformer` whose routers can decide causally (not random routing). Its KV
-            cache is (re)built for this batch and left in place afterwards for inspection.
+        model: a `MoDTransformer` whose routers can decide causally (not random routing). It is
+            only read: the KV cache is made for this call (`Generation.cache`, `result.cache`).
         prompts: token id lists, one per batch row, each non-empty and shorter than the context;
             prompt + new tokens never exceed the context (a row that fills it stops: `context`).
         max_new_tokens: new tokens per row at most.
@@ -293,8 +308,9 @@ def generate(
         seed: seeds a new `torch.Generator` on the model's device (ignored if `generator` given).
         generator: the random source of sampling.
         stop: stop token ids, or sequences of ids; a row ends when its new tokens end with one.
-        fraction: routed fraction of tokens at generation time; moves the causal thresholds with
-            the calibration table (`model.set_causal_fraction`) for this generation only.
+        fraction: routed fraction of tokens at generation time: causal thresholds from the
+            calibration table (`model.causal_thresholds`) for this generation only; the model's
+            calibrated thresholds are never changed.
         chunk_size: prompt tokens per prefill forward call (None: all at once).
 
     Returns:
@@ -325,36 +341,29 @@ def generate(
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     stops = _normalize_stop(stop, cfg.vocab_size)
-    saved = None
+    thresholds = None
     if fraction is not None:
         if not 0 <= fraction <= 1:
             raise ValueError(f"fraction must be in [0, 1], got {fraction}")
-        layers = model.routed_layers
-        if any(torch.isnan(layer.score_quantiles).any() for layer in layers):
+        if any(torch.isnan(layer.threshold_table).any() for layer in model.routed_layers):
             raise ValueError("cannot set the routed fraction: the model was never calibrated "
                              "(run model.calibrate_causal on held-out text and save the checkpoint)")
-        saved = [layer.causal_threshold.clone() for layer in layers]
-        model.set_causal_fraction(fraction)
+        thresholds = model.causal_thresholds(fraction)  # for this generation only
     device = model.embed_tokens.weight.device
     if generator is None and temperature > 0:
         generator = torch.Generator(device=device)
         generator.manual_seed(seed if seed is not None else int(torch.randint(2**62, ()).item()))
 
     def run(stream: Generation) -> Iterator[torch.Tensor]:
-        try:
-            stream.result = yield from _loop(model, prompts, stream, max_new_tokens, stops, fraction, chunk_size,
-                                             dict(temperature=temperature, top_k=top_k, top_p=top_p,
-                                                  generator=generator))
-            return stream.result
-        finally:
-            if saved is not None:  # give the model its calibrated thresholds back
-                for layer, t in zip(model.routed_layers, saved):
-                    layer.causal_threshold.copy_(t)
+        stream.result = yield from _loop(model, prompts, stream, max_new_tokens, stops, fraction, thresholds,
+                                         chunk_size, dict(temperature=temperature, top_k=top_k, top_p=top_p,
+                                                          generator=generator))
+        return stream.result
 
     return Generation(run)
 
 
-def _loop(model, prompts, stream, max_new_tokens, stops, fraction, chunk_size, sampling):
+def _loop(model, prompts, stream, max_new_tokens, stops, fraction, thresholds, chunk_size, sampling):
     cfg = model.cfg
     device = model.embed_tokens.weight.device
     B = len(prompts)
@@ -364,7 +373,7 @@ def _loop(model, prompts, stream, max_new_tokens, stops, fraction, chunk_size, s
     # and the RoPE table need room for slot n + m - 1 although the last new token is never fed
     limits = [min(max_new_tokens, cfg.max_seq_len - n) for n in lens.tolist()]
     cache_len = max(n + m for n, m in zip(lens.tolist(), limits))
-    cache = model.setup_cache(B, max_seq_len=cache_len, routed_fraction=fraction)
+    cache = stream.cache = model.make_cache(B, max_seq_len=cache_len, routed_fraction=fraction)
     T = int(lens.max())
     tokens = torch.zeros(B, T, dtype=torch.long)
     for b, p in enumerate(prompts):
@@ -372,7 +381,7 @@ def _loop(model, prompts, stream, max_new_tokens, stops, fraction, chunk_size, s
     routed = [layer.layer_id for layer in model.routed_layers]
 
     t0 = time.perf_counter()
-    logits, prefill_masks = prefill(model, tokens.to(device), lens, chunk_size)
+    logits, prefill_masks = prefill(model, cache, tokens.to(device), lens, chunk_size, thresholds=thresholds)
     nxt = sample(logits, **sampling)  # (B,)
     ids = nxt.tolist()  # host sync: the timing below is honest on GPU too
     prefill_s = time.perf_counter() - t0
@@ -381,7 +390,6 @@ def _loop(model, prompts, stream, max_new_tokens, stops, fraction, chunk_size, s
     out: list[list[int]] = [[] for _ in range(B)]
     reasons = [""] * B
     active = torch.ones(B, dtype=torch.bool)  # host
-    pos = lens.clone()  # (B,) tokens cached per row
     step_masks: list[torch.Tensor] = []  # each (R, B): decisions of the step's fed tokens
     step_active: list[torch.Tensor] = []  # each (B,): which rows fed a token at that step
     decode_s, steps = 0.0, 0
@@ -404,8 +412,7 @@ def _loop(model, prompts, stream, max_new_tokens, stops, fraction, chunk_size, s
             break
         t0 = time.perf_counter()
         feed = torch.tensor([i if a else 0 for i, a in zip(ids, active.tolist())], device=device)
-        logits, masks = decode_one(model, feed, pos, active.clone())
-        pos += active.long()
+        logits, masks = decode_one(model, cache, feed, active.clone(), thresholds=thresholds)
         nxt = sample(logits, **sampling)
         ids = nxt.tolist()
         decode_s += time.perf_counter() - t0
@@ -432,7 +439,7 @@ def _loop(model, prompts, stream, max_new_tokens, stops, fraction, chunk_size, s
         routed_fraction=routed_fraction, decode_routed_fraction=decode_fraction, skipped_fraction=skipped,
         prefill_tokens=int(lens.sum()), prefill_s=prefill_s, decode_s=decode_s, decode_steps=steps,
         kv_bytes_in_use=cache.bytes_in_use(), kv_bytes_allocated=cache.bytes_allocated(),
-        kv_bytes_dense=cache.dense_bytes(),
+        kv_bytes_dense=cache.dense_bytes(), cache=cache,
     )
 
 

@@ -8,9 +8,13 @@ Preallocated buffers written by index (as gpt-fast), with a fill length per batc
   needs them; they are kept for statistics and routing maps). Its buffers start at the expected
   routed fraction of the context and grow when a row needs more.
 
-Attention reads the buffers in place (a view up to the longest row), masked per row; a batch
-row that did not route a token is never copied or gathered, and its query is a zero row that the
-caller discards (its keys are not read for any result).
+The cache stores and the attention module attends: `CacheSlot.update` writes a call's keys and
+values and returns views of the buffers up to the longest row with the mask each query needs
+(`KVRead`); the one attention call lives in `mixdepth.model.layers.Attention`. A batch row that
+did not route a token is never copied or gathered.
+
+A cache is generation state: it is made per call (`MoDTransformer.make_cache`) and passed into
+`forward`, never kept on the model, so one model can serve several generations at once.
 
 Fill lengths live on the host: the number of tokens that chose a block is known there anyway
 (the block's shape depends on it), so no extra device sync is needed.
@@ -22,6 +26,7 @@ L slots read, E head width.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +66,22 @@ class LayerKV:
             self.positions.fill_(-1)
 
 
+class KVRead(NamedTuple):
+    """What the attention of one cached call reads: keys and values (B, G, L, E) in place, and
+    either `mask` (B, 1, T, L) bool, or `is_causal`, or neither (attend to every slot).
+
+    `rows` (N,) is set when only N of the B batch rows have queries (the block ran for them only):
+    attention then runs on all B rows of the cache views, with zero queries for the other rows
+    whose results are discarded (copying the cache rows would cost more than that).
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    mask: torch.Tensor | None
+    is_causal: bool
+    rows: torch.Tensor | None
+
+
 class CacheSlot:
     """One layer's cache as seen by one forward call: where the new keys go and what they see.
 
@@ -75,14 +96,16 @@ class CacheSlot:
         self.layer, self.counts, self.rows, self.positions = layer, counts, rows, positions
         self.rows_host = rows_host  # the same rows on the host, where the fill lengths live
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, enable_gqa: bool) -> torch.Tensor:
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> KVRead:
+        """Store the new keys and values (N, G, T, E) of this call and return what the queries read."""
         layer = self.layer
-        N, H, T, E = q.shape
+        N, G, T, E = k.shape
         B = layer.k.shape[0]
-        dev = q.device
+        dev = k.device
         rows, rows_host = self.rows, self.rows_host
         subset = rows is not None and N != B
-        offsets = layer.lengths if rows_host is None else layer.lengths[rows_host]  # (N,) host
+        # (N,) host: the fill lengths before this write
+        offsets = layer.lengths.clone() if rows_host is None else layer.lengths[rows_host]
         L = int(offsets.max()) + T
         layer.ensure(L)
         o = int(offsets[0])
@@ -100,31 +123,24 @@ class CacheSlot:
             layer.v[r, :, slots] = v.transpose(1, 2)
             if self.positions is not None:
                 layer.positions[r, slots] = self.positions
-        keys, values = layer.k[:, :, :L], layer.v[:, :, :L]  # (B, G, L, E) views, no copy
-        if uniform and T == 1:
-            y = F.scaled_dot_product_attention(q, keys, values, enable_gqa=enable_gqa)
-        elif uniform and o == 0:
-            y = F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=enable_gqa)
-        else:
-            # query t of a writing row sees slots <= offset + t; other rows see slot 0 (discarded)
-            limit = offsets[:, None] + torch.arange(T)  # (N, T) host
-            if subset:
-                full = torch.zeros(B, T, dtype=torch.long)
-                full[rows_host] = limit
-                limit = full
-            mask = torch.arange(L, device=dev) <= limit.to(dev, non_blocking=True)[..., None]  # (B, T, L)
-            if subset:
-                # the block ran for N rows only; attention runs on all rows' cache views in place
-                # (copying the cache rows would cost more than attending with zero queries)
-                q = q.new_zeros(B, H, T, E).index_copy_(0, rows, q)
-            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None], enable_gqa=enable_gqa)
-            if subset:
-                y = y.index_select(0, rows)
         if rows_host is None:
             layer.lengths += self.counts
         else:
             layer.lengths[rows_host] += self.counts
-        return y
+        keys, values = layer.k[:, :, :L], layer.v[:, :, :L]  # (B, G, L, E) views, no copy
+        if uniform and T == 1:
+            return KVRead(keys, values, None, False, None)
+        if uniform and o == 0:
+            return KVRead(keys, values, None, True, None)
+        # query t of a writing row sees slots <= offset + t; other rows see slot 0 (their queries
+        # are zero rows whose output is discarded)
+        limit = offsets[:, None] + torch.arange(T)  # (N, T) host
+        if subset:
+            full = torch.zeros(B, T, dtype=torch.long)
+            full[rows_host] = limit
+            limit = full
+        mask = torch.arange(L, device=dev) <= limit.to(dev, non_blocking=True)[..., None]  # (B, T, L)
+        return KVRead(keys, values, mask[:, None], False, rows if subset else None)
 
 
 class KVCache:

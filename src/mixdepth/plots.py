@@ -13,8 +13,6 @@ Dimensions: R routed layers, T tokens.
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import math
 from collections.abc import Sequence
@@ -22,6 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from . import runs
+from .runs import read_metrics
 
 log = logging.getLogger("mixdepth")
 
@@ -56,46 +57,20 @@ def _save(fig, out_png: str | Path) -> Path:
     return out
 
 
-# ---- metrics.jsonl --------------------------------------------------------------------------------
-def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The records of a run's `metrics.jsonl` (one JSON object per log step), in file order.
-
-    A half-written last line (a run killed mid-write) is skipped with a warning; any other bad
-    line is an error naming the file and line.
-    """
-    run_dir = Path(run_dir)
-    path = run_dir / "metrics.jsonl" if run_dir.is_dir() or not run_dir.suffix else run_dir
-    if not path.is_file():
-        raise ValueError(f"no metrics file: {path} (is {run_dir} a training run folder?)")
-    lines = path.read_text().splitlines()
-    records = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            if n == len(lines):
-                log.warning("%s: skipping the incomplete last line %d", path, n)
-                continue
-            raise ValueError(f"{path} line {n} is not valid JSON") from None
-        if not isinstance(rec, dict):
-            raise ValueError(f"{path} line {n} is not a JSON object")
-        records.append(rec)
-    if not records:
-        raise ValueError(f"metrics file {path} is empty: the run logged no steps")
-    return records
+# ---- run folders ----------------------------------------------------------------------------------
+def _run_model(run_dir: Path) -> dict[str, Any]:
+    """The model settings saved in a run folder's run.json, or {} (an unreadable or foreign file)."""
+    try:
+        model = (runs.read_settings(run_dir) or {}).get("model")
+    except ValueError:
+        return {}
+    return model if isinstance(model, dict) else {}
 
 
 def _run_label(run_dir: Path) -> str:
     """A legend label: the folder name, plus the router and capacity from run.json when known."""
     label = run_dir.name if run_dir.is_dir() else run_dir.parent.name
-    try:
-        info = json.loads((run_dir / "run.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return label
-    model = info.get("model") or info.get("config", {}).get("model") or {}
-    routing = model.get("routing", {}) if isinstance(model, dict) else {}
+    routing = _run_model(run_dir).get("routing") or {}
     router = routing.get("router")
     if router == "none":
         return f"{label} (dense)"
@@ -210,14 +185,13 @@ def _routed_layer_ids(run_dir: Path) -> list[int] | None:
     """Routed layer indices from the run's saved model config, if it has one."""
     from .config import ModelConfig
 
-    for path, pick in ((run_dir / "run.json", lambda d: d.get("model") or d.get("config", {}).get("model")),
-                       (run_dir / "config.json", lambda d: d.get("model", d))):
-        try:
-            data = pick(json.loads(path.read_text()))
-            return ModelConfig.from_dict(data).routed_layer_ids
-        except Exception:  # any unreadable or foreign config: fall back to positional names
-            continue
-    return None
+    model = _run_model(run_dir)
+    if not model:
+        return None
+    try:
+        return ModelConfig.from_dict(model).routed_layer_ids
+    except (ValueError, TypeError):  # no or a foreign config: positional names
+        return None
 
 
 # ---- routing maps ---------------------------------------------------------------------------------
@@ -289,16 +263,22 @@ def plot_routing_map(
     return _save(fig, out_png)
 
 
-def _token_strings(tokenizer, ids: list[int]) -> list[str]:
-    """Text of each token alone; a byte that is part of a multi-byte character shows as <xx>."""
+def token_strings(tokenizer, ids: Sequence[int]) -> list[str]:
+    """The text of each token alone, for tick labels and saved decisions.
+
+    A token with no printable text of its own (a byte of a multi-byte character, a control
+    character, an id the tokenizer cannot decode alone) shows as its id: `<e2>` in hex for a
+    byte-level tokenizer, `<1234>` otherwise.
+    """
+    byte_level = getattr(tokenizer, "kind", None) == "byte"
     out = []
     for t in ids:
         try:
             s = tokenizer.decode([t])
         except Exception:  # a tokenizer that cannot decode a lone id: show the id
-            s = f"<{t}>"
-        if "\ufffd" in s and tokenizer.__class__.__name__ == "ByteTokenizer" and t < 256:
-            s = f"<{t:02x}>"
+            s = "\ufffd"
+        if "\ufffd" in s or any(not c.isprintable() and c not in " \n\t" for c in s):
+            s = f"<{t:02x}>" if byte_level else f"<{t}>"
         out.append(s)
     return out
 
@@ -336,7 +316,7 @@ def routing_map_from_model(
         out = model(torch.tensor([ids], device=device), mode=mode, return_routing=True)
     layer_ids = sorted(out.routing)
     decisions = np.stack([out.routing[i][0].cpu().numpy().astype(bool) for i in layer_ids])  # (R, T)
-    return decisions, _token_strings(tokenizer, ids), layer_ids
+    return decisions, token_strings(tokenizer, ids), layer_ids
 
 
 def save_decisions(path: str | Path, decisions: np.ndarray, tokens_text: Sequence[str] | None,
@@ -364,70 +344,30 @@ def load_decisions(path: str | Path) -> tuple[np.ndarray, list[str] | None, list
     return decisions, tokens, layer_ids
 
 
-# ---- CLI: mixdepth plot ---------------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="plot_kind", metavar="KIND", parser_class=type(parser))
-    sub.required = True
-    p = sub.add_parser("loss", help="loss curves of runs against training FLOPs (or step, tokens)")
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="training run folders (with metrics.jsonl)")
-    p.add_argument("--out", default="loss_curves.png", help="output PNG (default: loss_curves.png)")
-    p.add_argument("--x", default="flops", choices=sorted(X_AXES), help="x axis (default: flops)")
-    p.add_argument("--key", default="lm_loss,val_loss",
-                   help=f"comma-separated metrics among {', '.join(LOSS_KEYS)} (default: lm_loss,val_loss)")
-    p.add_argument("--labels", default=None, help="comma-separated legend labels, one per run")
-    p.add_argument("--title", default=None)
+def routing_maps_from_generation(result, tokenizer, prompts: Sequence[Sequence[int]],
+                                 out_png: str | Path) -> list[Path]:
+    """The routing map of each row of a `generate` run, as PNG plus its decisions as `.npz` beside it.
 
-    p = sub.add_parser("routing", help="routing map of a text: tokens x routed layers, chosen vs skipped")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="checkpoint or run folder to route the text through")
-    src.add_argument("--decisions", metavar="FILE.npz", help="saved decisions (from generate/eval) instead")
-    p.add_argument("--text", default=None, help="text to route (with --checkpoint)")
-    p.add_argument("--text-file", default=None, help="read the text from this file instead")
-    p.add_argument("--mode", default="causal", choices=("causal", "topk"),
-                   help="causal: per-token sampling decision; topk: training-time top-k (default: causal)")
-    p.add_argument("--out", default="routing_map.png", help="output PNG (default: routing_map.png)")
-    p.add_argument("--title", default=None)
+    Args:
+        result: the `GenerationResult` of `generate` / `generate_text` (its per-row `routing`).
+        tokenizer: the tokenizer that encoded the prompts (for the tick labels).
+        prompts: the prompts as token ids, one list per row, as fed to the model.
+        out_png: the figure of a single row; with several rows, `NAME-{row}.png` beside it.
 
-    p = sub.add_parser("stats", help="fraction routed and causal accuracy per routed layer over a run")
-    p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("--out", default="router_stats.png", help="output PNG (default: router_stats.png)")
-    p.add_argument("--x", default="step", choices=sorted(X_AXES), help="x axis (default: step)")
-
-
-def run(args: argparse.Namespace) -> int:
-    if args.plot_kind == "loss":
-        labels = args.labels.split(",") if args.labels else None
-        keys = [k.strip() for k in args.key.split(",") if k.strip()]
-        out = plot_loss_curves(args.run_dirs, args.out, x=args.x, key=keys, labels=labels, title=args.title)
-    elif args.plot_kind == "stats":
-        out = plot_router_stats(args.run_dir, args.out, x=args.x)
-    else:
-        out = _run_routing(args)
-    print(f"wrote {out}")
-    return 0
-
-
-def _run_routing(args: argparse.Namespace) -> Path:
-    if args.decisions:
-        decisions, tokens, layer_ids = load_decisions(args.decisions)
-        return plot_routing_map(decisions, tokens, args.out, layer_ids=layer_ids, title=args.title)
-    if args.text_file:
-        try:
-            text = Path(args.text_file).read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ValueError(f"text file not found: {args.text_file}") from None
-        except UnicodeDecodeError:
-            raise ValueError(f"text file {args.text_file} is not UTF-8 text") from None
-    elif args.text is not None:
-        text = args.text
-    else:
-        raise ValueError("give the text to route with --text or --text-file")
-    from .checkpoint import load_checkpoint_tokenizer, load_model
-
-    model = load_model(args.checkpoint)
-    tokenizer = load_checkpoint_tokenizer(args.checkpoint)
-    decisions, tokens, layer_ids = routing_map_from_model(model, tokenizer, text, mode=args.mode)
-    title = args.title or (f"{args.mode} routing of {len(tokens)} tokens: "
-                           f"{100 * decisions.mean():.1f}% of token-layer slots chosen")
-    return plot_routing_map(decisions, tokens, args.out, layer_ids=layer_ids, title=title)
-
+    Returns:
+        The PNG paths written, one per row.
+    """
+    if not result.routed_layers:
+        raise ValueError("the model has no routed layers (a dense model has no routing map)")
+    out = Path(out_png)
+    written = []
+    for b, decisions in enumerate(result.routing):
+        d = decisions.numpy()  # (R, T): the prompt's tokens, then each generated token fed back
+        texts = token_strings(tokenizer, (list(prompts[b]) + list(result.tokens[b]))[: d.shape[1]])
+        png = out if len(result.routing) == 1 else out.with_name(f"{out.stem}-{b}{out.suffix}")
+        save_decisions(png.with_suffix(".npz"), d, texts, result.routed_layers)
+        written.append(plot_routing_map(
+            d, texts, png, layer_ids=result.routed_layers,
+            title=f"causal routing while generating: prompt {b}, {d.shape[1]} tokens fed "
+                  f"({100 * d.mean():.1f}% of token-layer slots chosen)"))
+    return written

@@ -16,13 +16,13 @@ Run folder: `run.json` (all settings), `metrics.jsonl` (one JSON object per log 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import math
-import random
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -33,19 +33,15 @@ import numpy as np
 import torch
 
 from . import flops as flops_mod
-from .checkpoint import (
-    checkpoint_name,
-    list_checkpoints,
-    load_training_state,
-    resolve_checkpoint,
-    save_checkpoint,
-    write_json_atomic,
-    write_text_atomic,
-)
-from .config import ModelConfig, _check, _Serializable, read_json_file, register_nested
-from .data import DEFAULT_CORPUS, TokenData, build_tokenizer, load_documents, prepare_corpus
+from . import runs
+from .checkpoint import checkpoint_name, load_training_state, save_checkpoint
+from .config import DTYPES, ModelConfig, _check, _Serializable, is_device_name, register_nested
+from .data import DEFAULT_CORPUS, build_tokenizer, load_documents, prepare_corpus
+from .runtime import autocast_ctx, resolve_device, rng_state, seed_everything, set_rng_state
 
 log = logging.getLogger("mixdepth")
+
+TRACKERS = ("none", "tensorboard", "wandb")
 
 
 @dataclass(kw_only=True)
@@ -103,7 +99,7 @@ class TrainConfig(_Serializable):
     seed: int = 0
     """Seed of the model init, the data sampler and the random router."""
     device: str = "auto"
-    """`auto` (cuda if available), `cpu` or `cuda`."""
+    """`auto` (cuda if available), `cpu`, `cuda` or `cuda:N`."""
     dtype: str = "auto"
     """`auto` (bf16 autocast on CUDA, fp32 on CPU), `fp32` or `bf16`."""
     resume: bool = False
@@ -114,6 +110,9 @@ class TrainConfig(_Serializable):
     """At the end, set the causal thresholds on validation tokens so causal mode routes ~capacity."""
     cache_dir: str | None = None
     """Cache of corpora and token files (default: $MIXDEPTH_CACHE or ~/.cache/mixdepth)."""
+    log_to: str = "none"
+    """Experiment tracker beside metrics.jsonl: `none`, `tensorboard` (event files in <run>/tensorboard)
+    or `wandb` (set WANDB_MODE=offline to keep it on disk)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
@@ -142,8 +141,9 @@ class TrainConfig(_Serializable):
         for name in budgets:
             v = getattr(self, name)
             _check(isinstance(v, (int, float)) and v > 0, f"train.{name} must be > 0, got {v}")
-        _check(self.device in ("auto", "cpu", "cuda"), f"train.device must be auto, cpu or cuda, got {self.device!r}")
-        _check(self.dtype in ("auto", "fp32", "bf16"), f"train.dtype must be auto, fp32 or bf16, got {self.dtype!r}")
+        _check(is_device_name(self.device), f"train.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        _check(self.log_to in TRACKERS, f"train.log_to must be one of {TRACKERS}, got {self.log_to!r}")
+        _check(self.dtype in DTYPES, f"train.dtype must be auto, fp32 or bf16, got {self.dtype!r}")
 
     @property
     def context(self) -> int:
@@ -191,86 +191,345 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **kw)
 
 
-def rng_state(sampler: np.random.Generator) -> dict[str, Any]:
-    """Every random state a training step reads, as JSON-able lists."""
-    py = random.getstate()
-    npg = np.random.get_state()
-    st = {
-        "torch": torch.get_rng_state().tolist(),
-        "numpy": [npg[0], npg[1].tolist(), npg[2], npg[3], npg[4]],
-        "python": [py[0], list(py[1]), py[2]],
-        "sampler": sampler.bit_generator.state,
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        st["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
-    return st
+# ---- experiment trackers --------------------------------------------------------------------------
+class Tracker:
+    """Where `Trainer.log` sends each record besides metrics.jsonl (the source of truth): nowhere."""
+
+    def log(self, record: dict[str, Any], step: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
-def set_rng_state(st: dict[str, Any], sampler: np.random.Generator) -> None:
-    torch.set_rng_state(torch.tensor(st["torch"], dtype=torch.uint8))
-    n = st["numpy"]
-    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
-    p = st["python"]
-    random.setstate((p[0], tuple(p[1]), p[2]))
-    sampler.bit_generator.state = st["sampler"]
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in st["cuda"]])
+class TensorBoardTracker(Tracker):
+    """Scalars of each record to TensorBoard event files in `<run>/tensorboard` (`tensorboard` extra)."""
 
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` (cuda if available, else cpu) or a torch device name (cpu, cuda, cuda:1, ...).
-
-    Raises a one-line `ValueError` for an unknown name or a CUDA device without CUDA.
-    """
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"unknown device {name!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name} asked for, but CUDA is not available")
-    return dev
-
-
-def autocast_ctx(device: torch.device, dtype: str):
-    """bf16 autocast on CUDA (default there), plain fp32 on CPU (default there)."""
-    use_bf16 = dtype == "bf16" or (dtype == "auto" and device.type == "cuda")
-    if use_bf16:
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-@torch.no_grad()
-def evaluate_loss(model, data: TokenData, cfg: TrainConfig, device: torch.device, mode: str = "topk") -> float:
-    """Mean LM loss on fixed validation windows (same windows every call, every model)."""
-    was_training = model.training
-    model.eval()
-    starts = data.eval_offsets(cfg.context, cfg.eval_batches * cfg.batch_size)
-    total = 0.0
-    # forked RNG: the random router's draws here must not shift training's random stream
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        for i in range(cfg.eval_batches):
-            x, y = data.batch_at("val", starts[i * cfg.batch_size:(i + 1) * cfg.batch_size], cfg.context, device)
-            with autocast_ctx(device, cfg.dtype):
-                total += float(model(x, y, mode=mode).lm_loss)
-    model.train(was_training)
-    return total / cfg.eval_batches
-
-
-def _read_metrics(path: Path, up_to_step: int) -> list[str]:
-    """metrics.jsonl lines with step <= `up_to_step` (a line cut by a kill is dropped)."""
-    if not path.exists():
-        return []
-    keep = []
-    for line in path.read_text().splitlines():
+    def __init__(self, run_dir: Path) -> None:
         try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ValueError("train.log_to tensorboard needs the tensorboard package: "
+                             "pip install 'mixdepth[tensorboard]'") from None
+        self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def log(self, record, step):
+        for key, value in _scalars(record).items():
+            self.writer.add_scalar(key, value, step)
+        self.writer.flush()
+
+    def close(self):
+        self.writer.close()
+
+
+class WandbTracker(Tracker):
+    """Each record to Weights & Biases (`wandb` extra); `WANDB_MODE=offline` keeps it on disk under
+    `<run>/wandb`. A resumed run continues the same wandb run (its id is the run folder's name hash)."""
+
+    def __init__(self, run_dir: Path, settings: dict[str, Any]) -> None:
+        try:
+            import wandb
+        except ImportError:
+            raise ValueError("train.log_to wandb needs the wandb package: pip install 'mixdepth[wandb]'") from None
+        run_id = hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:16]
+        self.run = wandb.init(project="mixdepth", name=run_dir.name, id=run_id, resume="allow",
+                              dir=str(run_dir), config=settings)
+
+    def log(self, record, step):
+        self.run.log(_scalars(record), step=step)
+
+    def close(self):
+        self.run.finish()
+
+
+def _scalars(record: dict[str, Any]) -> dict[str, float]:
+    """Numbers of a metrics record, lists (per routed layer) spread as `key/i`."""
+    out = {}
+    for key, value in record.items():
+        if key == "step" or value is None:
             continue
-        if isinstance(rec, dict) and rec.get("step", 0) <= up_to_step:
-            keep.append(line)
-    return keep
+        if isinstance(value, list):
+            out.update({f"{key}/{i}": float(v) for i, v in enumerate(value)})
+        else:
+            out[key] = float(value)
+    return out
+
+
+def make_tracker(cfg: TrainConfig, run_dir: Path) -> Tracker:
+    if cfg.log_to == "tensorboard":
+        return TensorBoardTracker(run_dir)
+    if cfg.log_to == "wandb":
+        return WandbTracker(run_dir, cfg.to_dict())
+    return Tracker()
+
+
+# ---- the trainer ----------------------------------------------------------------------------------
+class Trainer:
+    """One training run, from its settings to its last checkpoint.
+
+    The steps of a run each have a method, so that scale-out changes one place each:
+    - `__init__` (setup): data, tokenizer, model, optimizer, run folder, resume;
+    - `wrap(model)`: what `train_step` runs (a DDP or FSDP wrapper goes here); `self.model` stays
+      the unwrapped module, for saving, evaluation and calibration;
+    - `train_step()`: `grad_accum` micro-steps (gradient sync only on the last: `_micro_sync`),
+      clipping, the optimizer step; the figures averaged over micro-steps (and ranks: `_reduce`);
+    - `evaluate()`, `calibrate()`, `save()`;
+    - `log(record)`: metrics.jsonl, the console and an experiment tracker, on the main rank only.
+    `fit()` runs the loop; `run_train(cfg)` is `Trainer(cfg).fit()`.
+    """
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        out = Path(cfg.out_dir)
+        self.out = out
+        self.device = resolve_device(cfg.device)
+        has_ckpt = runs.latest_checkpoint(out) is not None or (out / "latest").exists()
+        if has_ckpt and not cfg.resume:
+            raise ValueError(f"{out} already holds a training run; pass --resume to continue it or choose another "
+                             "--out")
+        if cfg.resume and not has_ckpt:
+            raise ValueError(f"nothing to resume in {out}: no checkpoint there")
+
+        docs = load_documents(cfg.data, cfg.cache_dir)
+        self.tokenizer = build_tokenizer(cfg.tokenizer, docs, cfg.bpe_vocab_size, cfg.cache_dir)
+        if cfg.tokenizer == "bpe" and cfg.model.vocab_size != self.tokenizer.vocab_size:
+            log.info("model.vocab_size set to the BPE tokenizer's %d", self.tokenizer.vocab_size)
+            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=self.tokenizer.vocab_size))
+        self.cfg = cfg
+        self.data = prepare_corpus(docs, self.tokenizer, cfg.cache_dir, val_fraction=cfg.val_fraction, label=cfg.data)
+        self.data.check_fits(cfg.context, cfg.model.vocab_size)
+        # an absolute corpus path, so `mixdepth eval` finds it from any working directory
+        self.data_ref = cfg.data if cfg.data == DEFAULT_CORPUS else str(Path(cfg.data).expanduser().resolve())
+
+        from .model import MoDTransformer
+
+        self.total = cfg.total_steps()
+        seed_everything(cfg.seed)
+        self.sampler = np.random.default_rng(cfg.seed)
+        self.model = MoDTransformer(cfg.model).to(self.device)
+        self.model.train()
+        self.train_model = self.wrap(self.model)
+        self.optimizer = make_optimizer(self.model, cfg, self.device)
+        self.step, self.tokens, self.flops = 0, 0, 0.0
+        self.last_ckpt: Path | None = None
+        self.history: list[dict[str, Any]] = []  # records of the steps before this process started
+        if cfg.resume:
+            self._resume()
+        elif self.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            runs.rewrite_metrics(out, [])
+        if self.is_main:
+            runs.write_settings(out, cfg.to_dict(), total_steps=self.total, tokens_per_step=cfg.tokens_per_step,
+                                flops_per_step=cfg.flops_per_step)
+        self.tracker = make_tracker(cfg, out) if self.is_main else Tracker()
+        log.info("training %s: %d steps x %d tokens, %.3g FLOPs/step, router=%s capacity=%s, device=%s",
+                 out, self.total, cfg.tokens_per_step, cfg.flops_per_step, cfg.model.routing.router,
+                 cfg.model.routing.capacity, self.device)
+
+    def _resume(self) -> None:
+        cfg, out = self.cfg, self.out
+        ckpt = runs.latest_checkpoint(out)
+        state = load_training_state(ckpt, self.model, self.optimizer)
+        if state.get("total_steps") not in (None, self.total):
+            raise ValueError(f"{ckpt} was trained for a budget of {state['total_steps']} steps, now {self.total}; "
+                             "resume with the same budget (the schedule depends on it)")
+        self.step, self.tokens, self.flops = int(state["step"]), int(state["tokens"]), float(state["flops"])
+        set_rng_state(state["rng"], self.sampler)
+        self.last_ckpt = ckpt
+        # the killed run may have logged past its last checkpoint: those steps are redone
+        self.history = runs.read_metrics(out, up_to_step=self.step, required=False)
+        if self.is_main:
+            runs.rewrite_metrics(out, self.history)
+        log.info("resuming %s from %s (step %d of %d)", out, ckpt.name, self.step, self.total)
+        if self.step >= self.total:
+            log.info("the run is already complete")
+        before = runs.read_settings(out)
+        changed = runs.changed_settings(before, cfg.to_dict()) if before else []
+        if changed:
+            log.warning("resuming with changed settings (%s): the continuation differs from an uninterrupted run",
+                        ", ".join(changed))
+
+    # ---- distribution seams (single process here; torchrun fills them in) ------------------------
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The module `train_step` runs; a data-parallel wrapper goes here."""
+        return model
+
+    @property
+    def is_main(self) -> bool:
+        """Only the main rank logs, writes metrics and writes checkpoints."""
+        return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+    def _micro_sync(self, last: bool):
+        """Gradients are synchronised on a micro-batch's backward only when it is the step's last."""
+        no_sync = getattr(self.train_model, "no_sync", None)
+        return contextlib.nullcontext() if last or no_sync is None else no_sync()
+
+    def _reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """The mean of a figure over ranks (itself in a single process)."""
+        if torch.distributed.is_initialized():
+            t = t.clone()
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.AVG)
+        return t
+
+    # ---- the steps ------------------------------------------------------------------------------
+    def lr(self) -> float:
+        return lr_at(self.step, self.cfg, self.total)
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step; returns its figures: loss, lm_loss, each named auxiliary loss,
+        routed_frac and causal_acc (per routed layer), lr, grad_norm, step_time."""
+        cfg, device = self.cfg, self.device
+        t0 = time.perf_counter()
+        lr = self.lr()
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        sums: dict[str, torch.Tensor] = {}
+
+        def add(key: str, v: torch.Tensor | None) -> None:
+            if v is not None:
+                sums[key] = sums.get(key, 0.0) + v.detach().float() / cfg.grad_accum
+
+        for micro in range(cfg.grad_accum):
+            x, y = self.data.get_batch("train", cfg.batch_size, cfg.context, self.sampler, device)
+            with self._micro_sync(micro == cfg.grad_accum - 1):
+                with autocast_ctx(device, cfg.dtype):
+                    o = self.train_model(x, y)
+                (o.loss / cfg.grad_accum).backward()
+            for key, v in (("loss", o.loss), ("lm_loss", o.lm_loss), *o.losses.items(),
+                           ("routed_frac", o.routed_frac), ("causal_acc", o.causal_acc)):
+                add(key, v)
+        sums = {k: self._reduce(v) for k, v in sums.items()}
+        loss = float(sums["loss"])
+        if not math.isfinite(loss):
+            prev = self.last_ckpt
+            kept = f"the last checkpoint {prev} is intact" if prev else "no checkpoint was written"
+            raise ValueError(f"training loss is {loss} at step {self.step + 1} (lr {lr:.3g}); stopped, {kept}")
+        clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens += cfg.tokens_per_step
+        self.flops += cfg.flops_per_step
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        figures: dict[str, Any] = {k: float(v) for k, v in sums.items() if v.dim() == 0}
+        for key in ("routed_frac", "causal_acc"):
+            figures[key] = [round(float(v), 6) for v in sums[key]] if key in sums else []
+        figures.update(lr=lr, grad_norm=grad_norm, step_time=time.perf_counter() - t0)
+        return figures
+
+    @torch.no_grad()
+    def evaluate(self, mode: str = "topk") -> float:
+        """Mean LM loss on fixed validation windows (the same windows every call, every model)."""
+        cfg, model, device = self.cfg, self.model, self.device
+        was_training = model.training
+        model.eval()
+        starts = self.data.eval_offsets(cfg.context, cfg.eval_batches * cfg.batch_size)
+        total = 0.0
+        # forked RNG: the random router's draws here must not shift training's random stream
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            for i in range(cfg.eval_batches):
+                x, y = self.data.batch_at("val", starts[i * cfg.batch_size:(i + 1) * cfg.batch_size], cfg.context,
+                                          device)
+                with autocast_ctx(device, cfg.dtype):
+                    total += float(model(x, y, mode=mode).lm_loss)
+        model.train(was_training)
+        return total / cfg.eval_batches
+
+    @torch.no_grad()
+    def calibrate(self) -> list[float]:
+        """Set the causal thresholds on fixed validation windows so causal mode routes ~capacity."""
+        cfg, model, device = self.cfg, self.model, self.device
+        n = min(64, cfg.eval_batches * cfg.batch_size)
+        x, _ = self.data.batch_at("val", self.data.eval_offsets(cfg.context, n), cfg.context, device)
+        was = model.training
+        model.eval()
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+                autocast_ctx(device, cfg.dtype):
+            th = model.calibrate_causal(x)
+        model.train(was)
+        log.info("calibrated causal thresholds on %d validation windows: %s", n, [round(t, 4) for t in th])
+        return th
+
+    def save(self) -> Path:
+        """A checkpoint of this step (written by the main rank), with everything an exact resume needs."""
+        state = {"step": self.step, "tokens": self.tokens, "flops": self.flops, "total_steps": self.total,
+                 "data": self.data_ref, "seq_len": self.cfg.context, "rng": rng_state(self.sampler)}
+        path = self.out / "checkpoints" / checkpoint_name(self.step)
+        if self.is_main:
+            self.last_ckpt = save_checkpoint(path, self.model, self.optimizer, state, self.tokenizer,
+                                             keep_last=self.cfg.keep_last)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        return path
+
+    def log(self, record: dict[str, Any], mfile) -> None:
+        """One metrics record: to metrics.jsonl (the source of truth) and the tracker, main rank only."""
+        if not self.is_main:
+            return
+        mfile.write(json.dumps(record) + "\n")
+        mfile.flush()
+        self.tracker.log(record, record["step"])
+
+    # ---- the loop -------------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        """Train to the end of the budget; returns the summary (see `run_train`)."""
+        cfg, total = self.cfg, self.total
+        bar = _progress_bar(cfg, total, self.step) if self.is_main else None
+        quiet_logs = contextlib.ExitStack()
+        if bar is not None:  # log lines go through tqdm.write, so they do not tear the bar
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
+            quiet_logs.enter_context(logging_redirect_tqdm())
+        # figures of the steps done before a resume (all of them if the run is complete)
+        val_loss = runs.last_value(self.history, "val_loss")
+        final_train = runs.last_value(self.history, "lm_loss")
+        window: list[float] = []
+        t0 = time.perf_counter()
+        try:
+            with open(runs.metrics_path(self.out), "a") if self.is_main else contextlib.nullcontext() as mfile:
+                while self.step < total:
+                    fig = self.train_step()
+                    step = self.step
+                    window.append(fig["lm_loss"])
+                    last = step == total
+                    rec = None
+                    if (cfg.log_every and step % cfg.log_every == 0) or last:
+                        rec = {"step": step, "tokens": self.tokens, "flops": self.flops, **fig}
+                    if (cfg.eval_every and step % cfg.eval_every == 0) or last:
+                        val_loss = self.evaluate()
+                        rec = rec or {"step": step, "tokens": self.tokens, "flops": self.flops}
+                        rec["val_loss"] = val_loss
+                        log.info("step %d/%d: val_loss %.4f (train lm_loss %.4f)", step, total, val_loss,
+                                 sum(window) / len(window))
+                    if rec is not None:
+                        self.log(rec, mfile)
+                        if bar is None and "val_loss" not in rec:
+                            log.info("step %d/%d: loss %.4f lm_loss %.4f lr %.2e %.0f tok/s", step, total,
+                                     fig["loss"], fig["lm_loss"], fig["lr"], cfg.tokens_per_step / fig["step_time"])
+                    if last and cfg.calibrate and self.model.routed_layers and self.model.can_decode_causally:
+                        self.calibrate()
+                    if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or last:
+                        self.save()
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{fig['lm_loss']:.3f}",
+                                        tok_s=f"{cfg.tokens_per_step / fig['step_time']:.0f}")
+                    if rec is not None:
+                        final_train = fig["lm_loss"]
+                        window = []
+        finally:
+            if bar is not None:
+                bar.close()
+            quiet_logs.close()
+            self.tracker.close()
+        ckpt = self.last_ckpt or runs.latest_checkpoint(self.out)
+        summary = {"run_dir": str(self.out), "checkpoint": str(ckpt), "steps": self.step, "total_steps": total,
+                   "tokens": self.tokens, "flops": self.flops, "train_lm_loss": final_train, "val_loss": val_loss,
+                   "time_s": time.perf_counter() - t0}
+        log.info("done: %d steps, %d tokens, %.3g FLOPs, val_loss %s, checkpoint %s", self.step, self.tokens,
+                 self.flops, f"{val_loss:.4f}" if val_loss is not None else "n/a", summary["checkpoint"])
+        return summary
 
 
 def _progress_bar(cfg: TrainConfig, total: int, initial: int):
@@ -281,272 +540,42 @@ def _progress_bar(cfg: TrainConfig, total: int, initial: int):
     return tqdm(total=total, initial=initial, file=sys.stderr, dynamic_ncols=True, unit="step")
 
 
-def _floats(t: torch.Tensor | None) -> list[float]:
-    return [] if t is None else [round(float(v), 6) for v in t]
-
-
-# ---- the loop -------------------------------------------------------------------------------------
 def run_train(cfg: TrainConfig) -> dict[str, Any]:
     """Train a model as `cfg` says; returns a summary.
 
     Returns:
         dict with `run_dir`, `checkpoint`, `steps`, `total_steps`, `tokens`, `flops`, `train_lm_loss`
-        (the last step's), `val_loss` (the last evaluation's, topk mode), `time_s`.
+        (the last logged step's), `val_loss` (the last evaluation's, topk mode), `time_s`.
 
     Raises:
         ValueError: one line, for bad settings or data, a resume that does not match the saved
             run, or a non-finite loss (no checkpoint is written after it; earlier ones are kept).
     """
+    return Trainer(cfg).fit()
+
+
+def train_or_reuse(cfg: TrainConfig, overwrite: bool = False) -> dict[str, Any]:
+    """Train a run; reuse it when it already finished with the same settings, resume it if cut off.
+
+    A folder holding a run with other settings is an error, or with `overwrite` is deleted first.
+    The demo and the sweep run their models through this, so reruns cost nothing.
+    """
     out = Path(cfg.out_dir)
-    device = resolve_device(cfg.device)
-    has_ckpt = bool(list_checkpoints(out)) or (out / "latest").exists()
-    if has_ckpt and not cfg.resume:
-        raise ValueError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
-    if cfg.resume and not has_ckpt:
-        raise ValueError(f"nothing to resume in {out}: no checkpoint there")
-
-    docs = load_documents(cfg.data, cfg.cache_dir)
-    tokenizer = build_tokenizer(cfg.tokenizer, docs, cfg.bpe_vocab_size, cfg.cache_dir)
-    if cfg.tokenizer == "bpe" and cfg.model.vocab_size != tokenizer.vocab_size:
-        log.info("model.vocab_size set to the BPE tokenizer's %d", tokenizer.vocab_size)
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size))
-    data = prepare_corpus(docs, tokenizer, cfg.cache_dir, val_fraction=cfg.val_fraction, label=cfg.data)
-    data.check_fits(cfg.context, cfg.model.vocab_size)
-
-    from .model import MoDTransformer
-
     total = cfg.total_steps()
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    random.seed(cfg.seed)
-    sampler = np.random.default_rng(cfg.seed)
-    model = MoDTransformer(cfg.model).to(device)
-    model.train()
-    optimizer = make_optimizer(model, cfg, device)
-    step, tokens, flops_done = 0, 0, 0.0
-    metrics_path = out / "metrics.jsonl"
-
-    if cfg.resume:
-        ckpt = resolve_checkpoint(out)
-        state = load_training_state(ckpt, model, optimizer)
-        if state.get("total_steps") not in (None, total):
-            raise ValueError(f"{ckpt} was trained for a budget of {state['total_steps']} steps, now {total}; "
-                             "resume with the same budget (the schedule depends on it)")
-        step, tokens, flops_done = int(state["step"]), int(state["tokens"]), float(state["flops"])
-        set_rng_state(state["rng"], sampler)
-        # the killed run may have logged past its last checkpoint: those steps are redone
-        lines = _read_metrics(metrics_path, step)
-        write_text_atomic(metrics_path, "".join(line + "\n" for line in lines))
-        log.info("resuming %s from %s (step %d of %d)", out, ckpt.name, step, total)
-        if step >= total:
-            log.info("the run is already complete")
-        _warn_changed_settings(out / "run.json", cfg)
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        metrics_path.write_text("")
-    write_json_atomic(out / "run.json", {**cfg.to_dict(), "total_steps": total, "tokens_per_step":
-                                         cfg.tokens_per_step, "flops_per_step": cfg.flops_per_step})
-    log.info("training %s: %d steps x %d tokens, %.3g FLOPs/step, router=%s capacity=%s, device=%s",
-             out, total, cfg.tokens_per_step, cfg.flops_per_step, cfg.model.routing.router,
-             cfg.model.routing.capacity, device)
-
-    # an absolute corpus path, so `mixdepth eval` finds it from any working directory
-    data_ref = cfg.data if cfg.data == DEFAULT_CORPUS else str(Path(cfg.data).expanduser().resolve())
-
-    def trainer_state() -> dict[str, Any]:
-        return {"step": step, "tokens": tokens, "flops": flops_done, "total_steps": total,
-                "data": data_ref, "seq_len": cfg.context, "rng": rng_state(sampler)}
-
-    bar = _progress_bar(cfg, total, step)
-    quiet_logs = contextlib.ExitStack()
-    if bar is not None:  # log lines go through tqdm.write, so they do not tear the bar
-        from tqdm.contrib.logging import logging_redirect_tqdm
-
-        quiet_logs.enter_context(logging_redirect_tqdm())
-    last_ckpt: Path | None = None
-    window: list[float] = []
-    val_loss = None
-    final_train: float | None = None
-    if cfg.resume:  # figures of the steps done before the resume (all of them if the run is complete)
-        done = [json.loads(line) for line in lines]
-        val_loss = next((r["val_loss"] for r in reversed(done) if "val_loss" in r), None)
-        final_train = next((r["lm_loss"] for r in reversed(done) if "lm_loss" in r), None)
-    t0 = time.perf_counter()
-    try:
-        with open(metrics_path, "a") as mfile:
-            while step < total:
-                t_step = time.perf_counter()
-                lr = lr_at(step, cfg, total)
-                for g in optimizer.param_groups:
-                    g["lr"] = lr
-                sums: dict[str, Any] = {}
-                for _ in range(cfg.grad_accum):
-                    x, y = data.get_batch("train", cfg.batch_size, cfg.context, sampler, device)
-                    with autocast_ctx(device, cfg.dtype):
-                        o = model(x, y)
-                    (o.loss / cfg.grad_accum).backward()
-                    for key in ("loss", "lm_loss", "aux_loss", "predictor_loss", "balance_loss"):
-                        v = getattr(o, key)
-                        if v is not None:
-                            sums[key] = sums.get(key, 0.0) + v.detach().float() / cfg.grad_accum
-                    for key in ("routed_frac", "causal_acc"):
-                        v = getattr(o, key)
-                        if v is not None:
-                            sums[key] = sums.get(key, 0.0) + v.float() / cfg.grad_accum
-                loss = float(sums["loss"])
-                if not math.isfinite(loss):
-                    prev = last_ckpt or resolve_or_none(out)
-                    kept = f"the last checkpoint {prev} is intact" if prev else "no checkpoint was written"
-                    raise ValueError(f"training loss is {loss} at step {step + 1} (lr {lr:.3g}); stopped, {kept}")
-                clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                tokens += cfg.tokens_per_step
-                flops_done += cfg.flops_per_step
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                dt = time.perf_counter() - t_step
-                window.append(float(sums["lm_loss"]))
-                last = step == total
-                rec = None
-                if (cfg.log_every and step % cfg.log_every == 0) or last:
-                    rec = {"step": step, "tokens": tokens, "flops": flops_done, "loss": loss,
-                           "lm_loss": float(sums["lm_loss"]),
-                           "aux_loss": float(sums["aux_loss"]) if "aux_loss" in sums else None,
-                           "predictor_loss": float(sums["predictor_loss"]) if "predictor_loss" in sums else None,
-                           "lr": lr, "grad_norm": grad_norm, "routed_frac": _floats(sums.get("routed_frac")),
-                           "causal_acc": _floats(sums.get("causal_acc")), "step_time": dt}
-                    if "balance_loss" in sums:
-                        rec["balance_loss"] = float(sums["balance_loss"])
-                if (cfg.eval_every and step % cfg.eval_every == 0) or last:
-                    val_loss = evaluate_loss(model, data, cfg, device)
-                    rec = rec or {"step": step, "tokens": tokens, "flops": flops_done}
-                    rec["val_loss"] = val_loss
-                    log.info("step %d/%d: val_loss %.4f (train lm_loss %.4f)", step, total, val_loss,
-                             sum(window) / len(window))
-                if rec is not None:
-                    mfile.write(json.dumps(rec) + "\n")
-                    mfile.flush()
-                    if bar is None and "val_loss" not in rec:
-                        log.info("step %d/%d: loss %.4f lm_loss %.4f lr %.2e %.0f tok/s", step, total, loss,
-                                 rec["lm_loss"], lr, cfg.tokens_per_step / dt)
-                if last and cfg.calibrate and model.routed_layers and model.can_decode_causally:
-                    calibrate(model, data, cfg, device)
-                if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or last:
-                    last_ckpt = save_checkpoint(out / "checkpoints" / checkpoint_name(step), model, optimizer,
-                                                trainer_state(), tokenizer, keep_last=cfg.keep_last)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{float(sums['lm_loss']):.3f}", tok_s=f"{cfg.tokens_per_step / dt:.0f}")
-                if rec is not None:
-                    final_train = float(sums["lm_loss"])
-                    window = []
-    finally:
-        if bar is not None:
-            bar.close()
-        quiet_logs.close()
-    summary = {"run_dir": str(out), "checkpoint": str(last_ckpt or resolve_or_none(out)), "steps": step,
-               "total_steps": total, "tokens": tokens, "flops": flops_done,
-               "train_lm_loss": final_train,
-               "val_loss": val_loss, "time_s": time.perf_counter() - t0}
-    log.info("done: %d steps, %d tokens, %.3g FLOPs, val_loss %s, checkpoint %s", step, tokens, flops_done,
-             f"{val_loss:.4f}" if val_loss is not None else "n/a", summary["checkpoint"])
-    return summary
-
-
-def _warn_changed_settings(path: Path, cfg: TrainConfig) -> None:
-    """Log the training settings a resume changes: the run then leaves its original trajectory."""
-    try:
-        before = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return
-    now = cfg.to_dict()
-    ignore = {"model", "resume", "progress", "cache_dir", "out_dir"}
-    changed = [f"{k} {before[k]!r} -> {now[k]!r}" for k in now if k not in ignore and k in before
-               and before[k] != now[k]]
-    if changed:
-        log.warning("resuming with changed settings (%s): the continuation differs from an uninterrupted run",
-                    ", ".join(changed))
-
-
-def resolve_or_none(out: Path) -> Path | None:
-    try:
-        return resolve_checkpoint(out)
-    except ValueError:
-        return None
-
-
-@torch.no_grad()
-def calibrate(model, data: TokenData, cfg: TrainConfig, device: torch.device) -> list[float]:
-    """Set the causal thresholds on fixed validation windows so causal mode routes ~capacity."""
-    n = min(64, cfg.eval_batches * cfg.batch_size)
-    x, _ = data.batch_at("val", data.eval_offsets(cfg.context, n), cfg.context, device)
-    was = model.training
-    model.eval()
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), autocast_ctx(device, cfg.dtype):
-        th = model.calibrate_causal(x)
-    model.train(was)
-    log.info("calibrated causal thresholds on %d validation windows: %s", n, [round(t, 4) for t in th])
-    return th
-
-
-# ---- CLI ------------------------------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .cli import add_dataclass_args, add_model_args
-
-    add_model_args(parser, default_preset=None)
-    add_dataclass_args(parser, TrainConfig, "train", skip=("out_dir", "resume", "progress"))
-    parser.add_argument("--out", dest="train.out_dir", default=None, metavar="DIR",
-                        help=f"run folder (default: {TrainConfig.__dataclass_fields__['out_dir'].default})")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """TrainConfig from flags: defaults < --preset < --config FILE < flags; a resume starts from run.json."""
-    from .cli import CLIError, load_config_file, model_config_from_args, overrides_from_args
-
-    train = overrides_from_args(args, "train")
-    out = train.get("out_dir", TrainConfig.__dataclass_fields__["out_dir"].default)
-    file = load_config_file(args)
-    # a --config file with only training settings keeps the resumed run's model
-    model_given = (args.preset is not None or "model" in file or "routing" in file
-                   or overrides_from_args(args, "model") or overrides_from_args(args, "routing"))
-    base: dict[str, Any] = {}
-    if args.resume and (Path(out) / "run.json").exists():
-        base = read_json_file(Path(out) / "run.json")
-        for k in ("total_steps", "tokens_per_step", "flops_per_step"):
-            base.pop(k, None)
-    base.update(file.get("train", {}))
-    if args.resume and base and not model_given:
-        model = ModelConfig.from_dict(base["model"], prefix="model.")
-    else:
-        if args.preset is None:
-            args.preset = "debug"
-        model = model_config_from_args(args)
-    base.update(train)
-    if any(k in train for k in ("max_steps", "max_tokens", "max_flops")):  # a flag's budget replaces the file's
-        for k in ("max_steps", "max_tokens", "max_flops"):
-            if k not in train:
-                base[k] = None
-    base["model"] = model
-    base["resume"] = bool(args.resume)
-    base["progress"] = not args.no_progress
-    unknown = set(base) - {f.name for f in dataclasses.fields(TrainConfig)}
-    if unknown:
-        raise CLIError(f"unknown train setting {sorted(unknown)[0]!r}")
-    return TrainConfig(**base)
-
-
-def run(args: argparse.Namespace) -> int:
-    summary = run_train(config_from_args(args))
-
-    def f4(v: float | None) -> str:
-        return "n/a" if v is None else f"{v:.4f}"
-
-    print(f"run {summary['run_dir']}: {summary['steps']} steps, {summary['tokens']:,} tokens, "
-          f"{summary['flops']:.3g} FLOPs; train lm_loss {f4(summary['train_lm_loss'])}, "
-          f"val_loss {f4(summary['val_loss'])}; checkpoint {summary['checkpoint']}")
-    return 0
+    state = runs.inspect_run(out, cfg.to_dict(), total)
+    if state.kind == "different":
+        if not overwrite:
+            raise ValueError(f"{out} holds a run with other settings; pass --overwrite to replace it "
+                             "or --out to use another folder")
+        log.info("removing %s (other settings, --overwrite)", out)
+        shutil.rmtree(out)
+    elif state.kind == "stale":
+        shutil.rmtree(out)  # started but never checkpointed: nothing to keep
+    elif state.kind == "finished":
+        records = runs.read_metrics(out)
+        log.info("reusing the finished run %s (%d steps)", out, state.step)
+        return {"run_dir": str(out), "checkpoint": str(state.checkpoint), "steps": state.step, "total_steps": total,
+                "tokens": records[-1]["tokens"], "flops": records[-1]["flops"],
+                "train_lm_loss": runs.last_value(records, "lm_loss"), "val_loss": runs.last_value(records, "val_loss"),
+                "time_s": None, "reused": True}
+    return run_train(dataclasses.replace(cfg, resume=state.kind == "resumable"))

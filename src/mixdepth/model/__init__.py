@@ -2,11 +2,20 @@
 
 from .layers import MLP, Attention, Block, Linear, RMSNorm, RotaryEmbedding, apply_rope, attention_reference
 from .mod import MoDBlock
-from .routers import ExpertChoiceRouter, Predictor, RandomRouter, TokenChoiceRouter
+from .routers import (
+    ROUTER_CLASSES,
+    ExpertChoiceRouter,
+    Predictor,
+    RandomRouter,
+    Router,
+    TokenChoiceRouter,
+    make_router,
+    router_class,
+)
 from .transformer import ModelOutput, MoDTransformer
 
 __all__ = [
     "MLP", "Attention", "Block", "ExpertChoiceRouter", "Linear", "MoDBlock", "MoDTransformer", "ModelOutput",
-    "Predictor", "RMSNorm", "RandomRouter", "RotaryEmbedding", "TokenChoiceRouter", "apply_rope",
-    "attention_reference",
+    "Predictor", "RMSNorm", "ROUTER_CLASSES", "RandomRouter", "RotaryEmbedding", "Router", "TokenChoiceRouter",
+    "apply_rope", "attention_reference", "make_router", "router_class",
 ]

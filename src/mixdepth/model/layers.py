@@ -116,8 +116,9 @@ class Attention(nn.Module):
     """Grouped-query self-attention on `F.scaled_dot_product_attention`.
 
     Without a cache it attends causally within the given tokens (for a routed layer: among the
-    gathered tokens, whose order is the original order). With a cache slot it appends its keys and
-    values to the cache first and attends over everything the cache holds for each row.
+    gathered tokens, whose order is the original order). With a cache slot it stores its keys and
+    values there first (`CacheSlot.update`) and attends over what the cache holds for each row,
+    with the mask the cache returns. This is the model's one attention call.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -136,9 +137,14 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, G, T, E)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=self.gqa)
-        else:
-            y = cache.attend(q, k, v, enable_gqa=self.gqa)
+            keys, values, mask, causal, rows = k, v, None, T > 1, None
+        else:  # the cache stores this call's keys and says what each query may read
+            keys, values, mask, causal, rows = cache.update(k, v)
+        if rows is not None:  # queries of some batch rows only: zero queries for the others
+            q = q.new_zeros(keys.shape[0], *q.shape[1:]).index_copy_(0, rows, q)
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal, enable_gqa=self.gqa)
+        if rows is not None:
+            y = y.index_select(0, rows)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*E)
         return self.o_proj(y)
 

@@ -9,11 +9,19 @@ mask. The gathered tokens keep their sequence order and their original position 
 causal attention see them exactly as in the full sequence. The gate multiplies only the block's
 *output* (never the residual), which puts the router on the gradient path.
 
+What depends on the kind of router (its gate, selection, causal score and losses) lives in the
+router (`mixdepth.model.routers`); this module only moves tokens.
+
 Modes (DESIGN.md section 3):
-- `topk`: k = ceil(C*T) highest-scoring tokens per sequence (static k; non-causal).
-- `causal`: each token decides alone from its own score (predictor or router logit against a
-  threshold); the number chosen varies per row; used for sampling and its evaluation.
+- `topk`: k = ceil(C*T) tokens per sequence chosen by the router (static k; non-causal).
+- `causal`: each token decides alone from its own causal score against a threshold; the number
+  chosen varies per row; used for sampling and its evaluation.
 - `dense`: every token goes through (gate still applied; exact for the straight-through gate).
+
+Causal thresholds are calibrated on data (`MoDTransformer.calibrate_causal`): each lies midway
+between two distinct calibration scores (`thresholds_for_fractions`), never on a score, so tokens
+whose scores tie (a token that skipped every earlier routed layer still holds its embedding, and
+equal tokens score equally) are decided alike however the kernels round.
 
 Dimensions: B batch, T tokens, K gathered tokens, D model width, N rows that run the block.
 """
@@ -21,20 +29,54 @@ Dimensions: B batch, T tokens, K gathered tokens, D model width, N rows that run
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..config import ModelConfig
 from .layers import Block, RotaryEmbedding
-from .routers import Predictor, balance_loss, chosen_first, make_router, topk_indices
+from .routers import chosen_first, make_router
 
-N_QUANTILES = 201  # calibration table: score quantiles at 0%, 0.5%, ..., 100%
+N_FRACTIONS = 1001  # calibration table: thresholds for routed fractions 0, 0.001, ..., 1
+TIE_TOLERANCE = 1e-5  # scores closer than this (relative to the largest) count as equal
+
+
+def thresholds_for_fractions(scores: torch.Tensor, fractions: torch.Tensor) -> torch.Tensor:
+    """Thresholds t such that `score > t` routes as close to each fraction of `scores` as ties allow.
+
+    Every finite threshold lies midway between two distinct scores, so a score equal to a
+    calibration score is decided the same way under any float rounding; scores within a relative
+    `TIE_TOLERANCE` of each other count as one value (kernels round differently). Fraction 0 gives
+    +inf (no token) and 1 gives -inf (every token).
+
+    Args:
+        scores: causal scores of calibration tokens, any shape.
+        fractions: (F,) target fractions in [0, 1].
+
+    Returns:
+        (F,) fp32 thresholds.
+    """
+    s = scores.detach().flatten().double().sort().values  # (N,)
+    s = s[~torch.isnan(s)]
+    n = s.numel()
+    if n == 0:
+        raise ValueError("no calibration scores")
+    tol = TIE_TOLERANCE * float(s.abs().max()) + 1e-30
+    cut = ((s[1:] - s[:-1]) > tol).nonzero().squeeze(1)  # (C,) between s[i] and s[i+1]: n-1-i tokens above
+    inf = torch.tensor([float("inf")], dtype=torch.float64)
+    counts = torch.cat([torch.zeros(1), (n - 1 - cut).flip(0).double(), torch.full((1,), float(n))])  # ascending
+    thresholds = torch.cat([inf, ((s[cut] + s[cut + 1]) / 2).flip(0), -inf])
+    want = fractions.detach().double().cpu() * n
+    hi = torch.searchsorted(counts, want).clamp(1, counts.numel() - 1)
+    lo = hi - 1
+    pick = torch.where(want - counts[lo] <= counts[hi] - want, lo, hi)
+    return thresholds[pick].float()
 
 
 class MoDBlock(Block):
     """A transformer block behind a Mixture-of-Depths router.
 
-    State-dict keys add `router.weight`, `predictor.fc{1,2}.*`, and two calibration buffers:
-    `causal_threshold` (the causal decision is score > threshold) and `score_quantiles`.
+    State-dict keys add the router's (`router.weight`, `predictor.fc{1,2}.*`) and two calibration
+    buffers: `causal_threshold` (the causal decision is score > threshold) and `threshold_table`
+    (the threshold for each routed fraction 0, 0.001, ..., 1, for moving the operating point
+    without data).
     """
 
     routed = True
@@ -42,50 +84,34 @@ class MoDBlock(Block):
     def __init__(self, cfg: ModelConfig, layer_id: int) -> None:
         super().__init__(cfg, layer_id)
         self.rc = cfg.routing
-        self.router = make_router(self.rc.router, cfg.dim, self.rc.router_init_std)
-        self.predictor = None
-        if self.rc.router == "expert_choice":
-            self.predictor = Predictor(cfg.dim, self.rc.predictor_hidden or max(1, cfg.dim // 8))
+        self.router = make_router(cfg)
+        for name, module in self.router.companions.items():
+            self.add_module(name, module)
         self.register_buffer("causal_threshold", torch.zeros(()))
-        self.register_buffer("score_quantiles", torch.full((N_QUANTILES,), float("nan")))
+        self.register_buffer("threshold_table", torch.full((N_FRACTIONS,), float("nan")))
 
-    # ---- pieces -------------------------------------------------------------------------------
-    def gate(self, r: torch.Tensor) -> torch.Tensor:
-        """Scale of the block output from the router score(s) r."""
-        if self.rc.router == "random":
-            return torch.ones_like(r)
-        if self.rc.gate == "sigmoid":
-            return torch.sigmoid(r)
-        if self.rc.gate == "straight_through":
-            return 1.0 + (r - r.detach())  # value 1, gradient of r
-        return r
+    # ---- the causal operating point --------------------------------------------------------------
+    def calibrate(self, scores: torch.Tensor, fraction: float) -> float:
+        """Set the threshold table from calibration scores, and the threshold to route `fraction`."""
+        grid = torch.linspace(0, 1, N_FRACTIONS, dtype=torch.float64)
+        self.threshold_table.copy_(thresholds_for_fractions(scores, grid))
+        self.causal_threshold.fill_(float(thresholds_for_fractions(scores, torch.tensor([fraction]))[0]))
+        return float(self.causal_threshold)
 
-    def causal_score(self, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-        """Per-token score from information at or before that token only. (B, T) fp32."""
-        if self.rc.router == "random":
-            raise ValueError("random routing has no causal decision: it cannot sample or run in causal mode")
-        if self.rc.router == "expert_choice" and self.rc.causal_method == "predictor":
-            return self.predictor(x)
-        return r
+    def threshold_for(self, fraction: float) -> torch.Tensor:
+        """The threshold that routes `fraction` of the calibration tokens (to 0.001), from the table."""
+        if not 0 <= fraction <= 1:
+            raise ValueError(f"routed fraction must be in [0, 1], got {fraction}")
+        table = self.threshold_table
+        if torch.isnan(table).any():
+            raise ValueError(f"layer {self.layer_id} has no calibration table: run calibrate_causal first")
+        return table[round(fraction * (N_FRACTIONS - 1))].clone()
 
     def set_causal_fraction(self, fraction: float) -> None:
         """Move the causal threshold so that `fraction` of calibration tokens enter the block."""
-        if not 0 <= fraction <= 1:
-            raise ValueError(f"routed fraction must be in [0, 1], got {fraction}")
-        q = self.score_quantiles
-        if torch.isnan(q).any():
-            raise ValueError(f"layer {self.layer_id} has no calibration table: run calibrate_causal first")
-        pos = (1 - fraction) * (N_QUANTILES - 1)
-        lo = int(pos)
-        hi = min(lo + 1, N_QUANTILES - 1)
-        t = q[lo] + (q[hi] - q[lo]) * (pos - lo)
-        # the ends mean "no token" and "every token" for any score, not the calibration extremes
-        if fraction == 0:
-            t = float("inf")
-        elif fraction == 1:
-            t = float("-inf")
-        self.causal_threshold.fill_(float(t))
+        self.causal_threshold.copy_(self.threshold_for(fraction))
 
+    # ---- pieces -------------------------------------------------------------------------------
     def _run_block(self, x, rope: RotaryEmbedding, pos, idx, valid, r, cache_slot=None):
         """Gather idx (B, K), run the block, gate it, scatter-add back into x (B, T, D)."""
         B, T, D = x.shape
@@ -94,76 +120,69 @@ class MoDBlock(Block):
         xs = x.gather(1, idx_d)  # (B, K, D)
         cos, sin = rope(pos.gather(1, idx))
         delta = self.delta(xs, cos, sin, cache_slot)  # (B, K, D)
-        g = self.gate(r.gather(1, idx))  # (B, K)
+        g = self.router.gate(r.gather(1, idx))  # (B, K)
         if valid is not None:
             g = g * valid
         return x.scatter_add(1, idx_d, delta * g[..., None].to(delta.dtype))
 
     # ---- forward ------------------------------------------------------------------------------
-    def forward(self, x, rope, position_ids, *, mode="topk", cache=None, valid=None, want_scores=False):
-        """Returns (x', info). info holds per-layer losses and statistics as tensors."""
+    def forward(self, x, rope, position_ids, *, mode="topk", cache=None, valid=None, want_scores=False,
+                threshold=None):
+        """Returns (x', info). info holds `chosen` (B, T), `losses` (name -> tensor) and statistics.
+
+        `threshold` overrides the calibrated causal threshold for this call (a per-call routed
+        fraction); the module itself is never changed by a forward.
+        """
         B, T, D = x.shape
         pos = position_ids.expand(B, T)
         r = self.router(x)  # (B, T) fp32
-        info: dict = {}
+        info: dict = {"losses": {}}
         if mode == "dense":
             chosen = torch.ones(B, T, dtype=torch.bool, device=x.device) if valid is None else valid
             slot = cache.routed_slot(self.layer_id, chosen.sum(1).cpu(), pos) if cache is not None else None
             cos, sin = rope(pos)
-            out = x + self.delta(x, cos, sin, slot) * self.gate(r)[..., None].to(x.dtype)
+            out = x + self.delta(x, cos, sin, slot) * self.router.gate(r)[..., None].to(x.dtype)
             info["chosen"] = chosen
             return out, info
         if mode == "topk":
             if cache is not None:
                 raise ValueError("topk routing reads future tokens and cannot run with a KV cache; use causal")
             return self._forward_topk(x, rope, pos, r, info, want_scores)
-        return self._forward_causal(x, rope, pos, r, info, cache, valid, want_scores)
+        t = self.causal_threshold if threshold is None else threshold
+        return self._forward_causal(x, rope, pos, r, info, cache, valid, want_scores, t)
 
     def _forward_topk(self, x, rope, pos, r, info, want_scores):
-        B, T, _ = x.shape
-        k = self.rc.k(T)
-        if self.rc.router == "token_choice":
-            wants = r > 0
-            idx = topk_indices(r.masked_fill(~wants, float("-inf")), k)
-            valid = wants.gather(1, idx)
-            # valid tokens first, so padding never becomes a key of a valid token
-            idx = idx.gather(1, ((~valid).long() * T + idx).argsort(dim=1))
-            valid = wants.gather(1, idx)
-            info["balance_loss"] = balance_loss(r, self.rc.capacity)
-        else:
-            idx, valid = topk_indices(r, k), None
+        idx, valid = self.router.select(r, self.rc.k(x.shape[1]))
         out = self._run_block(x, rope, pos, idx, valid, r)
         target = torch.zeros_like(r).scatter(1, idx, 1.0 if valid is None else valid.float())
         info["chosen"] = target.bool()
         info["frac"] = target.mean()
-        if self.rc.router == "expert_choice":
-            if self.rc.aux_loss_weight > 0:
-                info["aux_loss"] = F.binary_cross_entropy_with_logits(r, target)
-            p = self.predictor(x)
-            info["predictor_loss"] = F.binary_cross_entropy_with_logits(p, target)
-            score = p if self.rc.causal_method == "predictor" else r.detach()
-            info["causal_acc"] = ((score > self.causal_threshold) == target.bool()).float().mean()
+        info["losses"], score = self.router.topk_terms(x, r, target)
+        if score is not None:
+            # how well the causal rule agrees with the top-k choice here (a statistic only)
+            info["causal_acc"] = ((score > self.causal_threshold) == info["chosen"]).float().mean()
             if want_scores:
-                info["score"] = score.detach()
-        elif self.rc.router == "token_choice" and want_scores:
-            info["score"] = r.detach()
+                info["score"] = score
         return out, info
 
-    def _forward_causal(self, x, rope, pos, r, info, cache, valid, want_scores):
+    def _topk_mask(self, r: torch.Tensor) -> torch.Tensor:
+        """(B, T) bool: the tokens `topk` mode would choose from these router scores."""
+        idx, valid = self.router.select(r, self.rc.k(r.shape[1]))
+        return torch.zeros_like(r, dtype=torch.bool).scatter(1, idx, True if valid is None else valid)
+
+    def _forward_causal(self, x, rope, pos, r, info, cache, valid, want_scores, threshold):
         B, T, _ = x.shape
-        score = self.causal_score(x, r)  # (B, T)
-        chosen = score > self.causal_threshold
+        score = self.router.causal_score(x, r)  # (B, T)
+        chosen = score > threshold
         if valid is not None:
             chosen = chosen & valid
         info["chosen"] = chosen
         if cache is None:  # cached steps are counted by the caller from `chosen` (no extra ops per step)
             info["frac"] = chosen.float().mean() if valid is None else chosen.sum() / valid.sum().clamp(min=1)
+            # how well the causal rule agrees with what top-k would pick here (a statistic only)
+            info["causal_acc"] = (chosen == self._topk_mask(r)).float().mean()
         if want_scores:
             info["score"] = score.detach()
-        if cache is None and self.rc.router == "expert_choice":
-            # how well the causal rule agrees with what top-k would pick here (a statistic only)
-            target = torch.zeros_like(r, dtype=torch.bool).scatter(1, topk_indices(r, self.rc.k(T)), True)
-            info["causal_acc"] = (chosen == target).float().mean()
         if cache is not None and T == 1:
             return self._decode_step(x, rope, pos, r, chosen, cache), info
         counts = chosen.sum(1).cpu()  # (B,) one host sync: the block's shape depends on it
@@ -193,13 +212,14 @@ class MoDBlock(Block):
         N = rows_host.numel()
         if N == 0:  # every row skips: the router (and predictor) was all this layer cost
             return x
+        gate = self.router.gate
         if N == B:
             cos, sin = rope(pos)
             delta = self.delta(x, cos, sin, cache.routed_slot(self.layer_id, torch.ones(B, dtype=torch.long), pos))
-            return x + delta * self.gate(r)[..., None].to(delta.dtype)
+            return x + delta * gate(r)[..., None].to(delta.dtype)
         rows = rows_host.to(x.device, non_blocking=True)
         ps = pos.index_select(0, rows)  # (N, 1)
         cos, sin = rope(ps)
         slot = cache.routed_slot(self.layer_id, torch.ones(N, dtype=torch.long), ps, rows=rows, rows_host=rows_host)
         delta = self.delta(x.index_select(0, rows), cos, sin, slot)  # (N, 1, D)
-        return x.index_add(0, rows, delta * self.gate(r.index_select(0, rows))[..., None].to(delta.dtype))
+        return x.index_add(0, rows, delta * gate(r.index_select(0, rows))[..., None].to(delta.dtype))

@@ -1,90 +1,38 @@
-"""Routers of a Mixture-of-Depths layer and the causal predictor (paper sections 3.1-3.5).
+"""Routers of a Mixture-of-Depths layer: each owns its behaviour (paper sections 3.1-3.5).
 
-A router maps the residual stream entering a block to one score per token, `r` (B, T), in fp32.
+A router maps the residual stream entering a block to one score per token, `r` (B, T), in fp32,
+and owns everything that depends on its kind:
+- `gate(r)`: the scale of the block output (x' = x + gate(r) * f(x)), which puts the router on
+  the gradient path;
+- `select(r, k)`: which tokens enter the block in `topk` mode (training);
+- `causal_score(x, r)`: a per-token score from the token's own prefix, thresholded for sampling;
+- `topk_terms(x, r, chosen)`: its auxiliary losses, as named terms weighted by `loss_weights`;
+- `param_counts(cfg)`, `flops_per_token(cfg, mode)`: its analytic cost, read by `mixdepth.flops`.
+
+The kinds:
 - `ExpertChoiceRouter` (the MoD default): r = w.x; the block takes the top-k of r per sequence.
+  Its causal decision is a `Predictor` (a small MLP on stop-gradient inputs) or, with
+  `causal_method="aux_loss"`, r itself trained towards top-k membership by a BCE loss.
 - `TokenChoiceRouter`: two logits per token (skip, block); r = l_block - l_skip, so
   sigmoid(r) = softmax(l)[block]; a token asks for the block iff r > 0; at most k get it.
 - `RandomRouter`: no parameters; k uniformly random tokens (the paper's ablation, fig. 5).
-`Predictor` is the small MLP that learns, on stop-gradient inputs, whether a token will be in the
-top-k, so that sampling can decide causally (section 3.5).
+
+A new router is one new class registered in `ROUTER_CLASSES`; `make_router` is the only place
+that reads the router's name.
 
 Dimensions: B batch, T tokens, K gathered tokens, D model width.
 """
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..config import ModelConfig
 from .layers import Linear
-
-
-class ExpertChoiceRouter(nn.Module):
-    """r = w.x, one scalar per token; state-dict key `layers.{i}.router.weight`, shape (1, D)."""
-
-    can_decode_causally = True
-
-    def __init__(self, dim: int, init_std: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(1, dim))
-        self.init_std = init_std
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        nn.init.normal_(self.weight, std=self.init_std)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight).squeeze(-1).float()  # (B, T)
-
-
-class TokenChoiceRouter(ExpertChoiceRouter):
-    """Token choice: logits (skip, block) per token; r = l_block - l_skip. Weight shape (2, D)."""
-
-    def __init__(self, dim: int, init_std: float) -> None:
-        nn.Module.__init__(self)
-        self.weight = nn.Parameter(torch.empty(2, dim))
-        self.init_std = init_std
-        self.reset_parameters()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(x, self.weight).float()  # (B, T, 2)
-        return logits[..., 1] - logits[..., 0]  # (B, T)
-
-
-class RandomRouter(nn.Module):
-    """Random routing: k uniformly random tokens per sequence. No parameters, no causal rule."""
-
-    can_decode_causally = False
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.rand(x.shape[:2], device=x.device)  # (B, T)
-
-
-class Predictor(nn.Module):
-    """Two-layer MLP (D -> D/8 -> 1) predicting top-k membership from the detached residual.
-
-    The input is detached, so its BCE loss trains only the predictor and never the trunk or the
-    router: the language-model loss is untouched (paper section 3.5, second method).
-    """
-
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.fc1 = Linear(dim, hidden, bias=True)
-        self.fc2 = Linear(hidden, 1, bias=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.silu(self.fc1(x.detach()))).squeeze(-1).float()  # (B, T)
-
-
-def make_router(kind: str, dim: int, init_std: float) -> nn.Module | None:
-    if kind == "expert_choice":
-        return ExpertChoiceRouter(dim, init_std)
-    if kind == "token_choice":
-        return TokenChoiceRouter(dim, init_std)
-    if kind == "random":
-        return RandomRouter()
-    return None
 
 
 def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -127,3 +75,225 @@ def balance_loss(r: torch.Tensor, capacity: float, valid: torch.Tensor | None = 
     if capacity < 1:
         loss = loss + (1 - f_block) * (1 - p_block) / (1 - capacity)
     return loss
+
+
+class Predictor(nn.Module):
+    """Two-layer MLP (D -> D/8 -> 1) predicting top-k membership from the detached residual.
+
+    The input is detached, so its BCE loss trains only the predictor and never the trunk or the
+    router: the language-model loss is untouched (paper section 3.5, second method).
+    """
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = Linear(dim, hidden, bias=True)
+        self.fc2 = Linear(hidden, 1, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.silu(self.fc1(x.detach()))).squeeze(-1).float()  # (B, T)
+
+
+class Router(nn.Module):
+    """Base of the routers: the defaults are those of a learned scalar score per token.
+
+    Modules a router needs besides its own weights (the predictor) are listed in `companions`;
+    the block registers them under those names, so state-dict keys stay
+    `layers.{i}.router.weight` and `layers.{i}.predictor.*`.
+    """
+
+    can_decode_causally: ClassVar[bool] = True
+    """False for routers with no per-token causal rule (random): they cannot sample."""
+    loss_weights: dict[str, float]
+    """Weight of each named auxiliary loss in the training objective."""
+
+    def __init__(self, cfg: ModelConfig | None = None) -> None:
+        super().__init__()
+        self.rc = cfg.routing if cfg is not None else None
+        self.companions: dict[str, nn.Module] = {}
+        self.loss_weights = {}
+
+    # ---- behaviour ----------------------------------------------------------------------------
+    def gate(self, r: torch.Tensor) -> torch.Tensor:
+        """Scale of the block output from the router scores r (any shape)."""
+        if self.rc.gate == "sigmoid":
+            return torch.sigmoid(r)
+        if self.rc.gate == "straight_through":
+            return 1.0 + (r - r.detach())  # value 1, gradient of r
+        return r
+
+    def select(self, r: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`topk` mode: indices (B, k) of the tokens that enter the block, in sequence order, and
+        their validity (B, k) bool, or None when all k are real."""
+        return topk_indices(r, k), None
+
+    def causal_score(self, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        """Per-token score from information at or before that token only. (B, T) fp32."""
+        return r
+
+    def topk_terms(self, x: torch.Tensor, r: torch.Tensor, chosen: torch.Tensor
+                   ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        """What a `topk` forward adds: the unweighted auxiliary losses by name, and the causal score
+        (detached, for statistics; None without a causal rule). `chosen` (B, T) float: top-k membership."""
+        return {}, self.causal_score(x, r).detach() if self.can_decode_causally else None
+
+    # ---- analytic cost (config-driven, for mixdepth.flops) --------------------------------------
+    @classmethod
+    def param_counts(cls, cfg: ModelConfig) -> dict[str, int]:
+        """Parameters of one routed layer's router parts, by name."""
+        return {"routers": 0, "predictors": 0}
+
+    @classmethod
+    def flops_per_token(cls, cfg: ModelConfig, mode: str) -> float:
+        """Forward matmul FLOPs per token (every token of the sequence) of the router parts."""
+        return 0.0
+
+    @classmethod
+    def untrained_flops_per_token(cls, cfg: ModelConfig) -> float:
+        """FLOPs per token that 3x the forward counts but a training step never spends (gradients
+        of detached inputs)."""
+        return 0.0
+
+
+class LinearRouter(Router):
+    """Logits `w.x` per token from one linear map, weight (n_logits, D) at `layers.{i}.router.weight`."""
+
+    n_logits: ClassVar[int] = 1
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__(cfg)
+        self.weight = nn.Parameter(torch.empty(self.n_logits, cfg.dim))
+        self.init_std = self.rc.router_init_std
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, std=self.init_std)
+
+    @classmethod
+    def param_counts(cls, cfg):
+        return {"routers": cls.n_logits * cfg.dim, "predictors": 0}
+
+    @classmethod
+    def flops_per_token(cls, cfg, mode):
+        return 2 * cls.n_logits * cfg.dim
+
+
+class ExpertChoiceRouter(LinearRouter):
+    """r = w.x, one scalar per token; the block takes the top-k of r per sequence (the MoD router).
+
+    Causal rule: the predictor (`causal_method="predictor"`) or r itself (`"aux_loss"`, trained
+    towards top-k membership by the BCE `aux_loss`).
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__(cfg)
+        # trained whatever the causal method, so the method can change after training; kept out of
+        # this module's registry: the block registers it as `predictor`
+        object.__setattr__(self, "predictor", Predictor(cfg.dim, _predictor_hidden(cfg)))
+        self.companions["predictor"] = self.predictor
+        self.loss_weights = {"predictor_loss": self.rc.predictor_loss_weight}
+        if self.rc.aux_loss_weight > 0:
+            self.loss_weights["aux_loss"] = self.rc.aux_loss_weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight).squeeze(-1).float()  # (B, T)
+
+    def causal_score(self, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        return self.predictor(x) if self.rc.causal_method == "predictor" else r
+
+    def topk_terms(self, x, r, chosen):
+        p = self.predictor(x)
+        losses = {"predictor_loss": F.binary_cross_entropy_with_logits(p, chosen)}
+        if "aux_loss" in self.loss_weights:
+            losses["aux_loss"] = F.binary_cross_entropy_with_logits(r, chosen)
+        return losses, (p if self.rc.causal_method == "predictor" else r).detach()
+
+    @classmethod
+    def param_counts(cls, cfg):
+        h = _predictor_hidden(cfg)
+        return {"routers": cfg.dim, "predictors": cfg.dim * h + h + h + 1}
+
+    @classmethod
+    def flops_per_token(cls, cfg, mode):
+        flops = super().flops_per_token(cfg, mode)
+        # the predictor runs for its training loss (topk) and as the causal rule only
+        if mode == "topk" or (mode == "causal" and cfg.routing.causal_method == "predictor"):
+            h = _predictor_hidden(cfg)
+            flops += 2 * (cfg.dim * h + h)
+        return flops
+
+    @classmethod
+    def untrained_flops_per_token(cls, cfg):
+        return 2 * cfg.dim * _predictor_hidden(cfg)  # the predictor's first layer: its input is detached
+
+
+class TokenChoiceRouter(LinearRouter):
+    """Token choice: logits (skip, block) per token; r = l_block - l_skip. Weight shape (2, D).
+
+    A token asks for the block iff r > 0 and at most k of those get it; a balancing loss keeps the
+    fraction asking near the capacity. Causal rule: r against a calibrated threshold.
+    """
+
+    n_logits = 2
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__(cfg)
+        self.loss_weights = {"balance_loss": self.rc.balance_loss_weight}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(x, self.weight).float()  # (B, T, 2)
+        return logits[..., 1] - logits[..., 0]  # (B, T)
+
+    def select(self, r, k):
+        B, T = r.shape
+        wants = r > 0
+        idx = topk_indices(r.masked_fill(~wants, float("-inf")), k)
+        valid = wants.gather(1, idx)
+        # valid tokens first, so padding never becomes a key of a valid token
+        idx = idx.gather(1, ((~valid).long() * T + idx).argsort(dim=1))
+        return idx, wants.gather(1, idx)
+
+    def topk_terms(self, x, r, chosen):
+        return {"balance_loss": balance_loss(r, self.rc.capacity)}, r.detach()
+
+
+class RandomRouter(Router):
+    """Random routing: k uniformly random tokens per sequence. No parameters, no causal rule.
+
+    The block output is not scaled (gate 1): there is no router to put on the gradient path.
+    """
+
+    can_decode_causally = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.rand(x.shape[:2], device=x.device)  # (B, T)
+
+    def gate(self, r: torch.Tensor) -> torch.Tensor:
+        return torch.ones_like(r)
+
+    def causal_score(self, x, r):
+        raise ValueError("random routing has no causal decision: it cannot sample or run in causal mode")
+
+
+def _predictor_hidden(cfg: ModelConfig) -> int:
+    return cfg.routing.predictor_hidden or max(1, cfg.dim // 8)
+
+
+ROUTER_CLASSES: dict[str, type[Router]] = {
+    "expert_choice": ExpertChoiceRouter,
+    "token_choice": TokenChoiceRouter,
+    "random": RandomRouter,
+    "none": Router,  # a dense model: no routed layer, so no router cost
+}
+
+
+def router_class(cfg: ModelConfig) -> type[Router]:
+    """The router class a config names (`Router` itself for `none`: zero cost, never built)."""
+    return ROUTER_CLASSES[cfg.routing.router]
+
+
+def make_router(cfg: ModelConfig) -> Router:
+    """The router of a routed layer."""
+    cls = router_class(cfg)
+    if cls is Router:
+        raise ValueError("routing.router is none: a dense model has no routed layer")
+    return cls(cfg)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from ..config import MODES, ModelConfig
 from ..kvcache import KVCache
 from .layers import Block, Linear, RMSNorm, RotaryEmbedding
-from .mod import N_QUANTILES, MoDBlock
+from .mod import MoDBlock
 
 
 @dataclass
@@ -27,14 +27,13 @@ class ModelOutput:
     logits: torch.Tensor
     """(B, T, V) logits (or (B, 1, V) with `last_only`)."""
     loss: torch.Tensor | None = None
-    """Training objective: lm_loss + weighted aux, predictor and balance losses."""
+    """Training objective: lm_loss + the weighted sum of `losses`."""
     lm_loss: torch.Tensor | None = None
-    aux_loss: torch.Tensor | None = None
-    """Mean over routed layers of the router BCE against top-k membership."""
-    predictor_loss: torch.Tensor | None = None
-    """Mean over routed layers of the predictor BCE (touches only the predictors)."""
-    balance_loss: torch.Tensor | None = None
-    """Mean over routed layers of the token-choice balancing loss."""
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Auxiliary losses by name (e.g. the router BCE `aux_loss`, the predictor's `predictor_loss`,
+    token choice's `balance_loss`), each the mean over the routed layers that have it, unweighted."""
+    loss_weights: dict[str, float] = field(default_factory=dict)
+    """The weight of each term of `losses` in `loss`."""
     routed_frac: torch.Tensor | None = None
     """(R,) fraction of tokens that entered each routed layer's block."""
     causal_acc: torch.Tensor | None = None
@@ -43,10 +42,6 @@ class ModelOutput:
     """layer id -> (B, T) bool, which tokens entered the block (with `return_routing`)."""
     scores: dict[int, torch.Tensor] = field(default_factory=dict)
     """layer id -> (B, T) causal scores (with `return_scores`)."""
-
-
-def _mean(xs: list[torch.Tensor]) -> torch.Tensor | None:
-    return torch.stack(xs).mean() if xs else None
 
 
 class MoDTransformer(nn.Module):
@@ -65,7 +60,6 @@ class MoDTransformer(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
-        self.kv_cache: KVCache | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -90,19 +84,24 @@ class MoDTransformer(nn.Module):
         """False for routers with no causal rule (random); `generate` refuses those."""
         return all(layer.router.can_decode_causally for layer in self.routed_layers)
 
-    # ---- KV cache -----------------------------------------------------------------------------
-    def setup_cache(self, batch_size: int, max_seq_len: int | None = None, dtype=None, device=None,
-                    routed_fraction: float | None = None) -> KVCache:
-        p = self.embed_tokens.weight
-        self.kv_cache = KVCache(
-            self.cfg, batch_size, max_seq_len or self.cfg.max_seq_len, dtype or p.dtype, device or p.device,
-            routed_fraction,
-        )
-        return self.kv_cache
+    # ---- generation state ---------------------------------------------------------------------
+    def make_cache(self, batch_size: int, max_seq_len: int | None = None, dtype=None, device=None,
+                   routed_fraction: float | None = None) -> KVCache:
+        """A new KV cache for `batch_size` rows, to pass into `forward` (the model keeps no cache).
 
-    def reset_cache(self) -> None:
-        if self.kv_cache is not None:
-            self.kv_cache.reset()
+        `routed_fraction` sizes the routed layers' buffers (default: the capacity); they grow if needed.
+        """
+        p = self.embed_tokens.weight
+        return KVCache(self.cfg, batch_size, max_seq_len or self.cfg.max_seq_len, dtype or p.dtype,
+                       device or p.device, routed_fraction)
+
+    def causal_thresholds(self, fraction: float) -> dict[int, torch.Tensor]:
+        """Per routed layer, the causal threshold that routes `fraction` of the calibration tokens.
+
+        Pass it to `forward(thresholds=...)` to run at another operating point for one call, without
+        changing the calibrated thresholds (so concurrent generations can differ).
+        """
+        return {layer.layer_id: layer.threshold_for(fraction) for layer in self.routed_layers}
 
     # ---- forward ------------------------------------------------------------------------------
     def forward(
@@ -111,7 +110,9 @@ class MoDTransformer(nn.Module):
         targets: torch.Tensor | None = None,
         *,
         mode: str | None = None,
+        cache: KVCache | None = None,
         input_pos: torch.Tensor | None = None,
+        thresholds: dict[int, torch.Tensor] | None = None,
         valid_lengths: torch.Tensor | None = None,
         last_only: bool = False,
         return_routing: bool = False,
@@ -123,8 +124,12 @@ class MoDTransformer(nn.Module):
             input_ids: (B, T) token ids.
             targets: (B, T) next-token ids (-100 to ignore); gives `loss` and `lm_loss`.
             mode: `topk`, `causal` or `dense`; defaults to the config's `routing.mode`.
-            input_pos: (B,) host tensor of each row's start position; runs against the KV cache
-                (`setup_cache` first) and must equal the tokens the cache already holds.
+            cache: a KV cache (`make_cache`) to run against: the tokens continue what it holds,
+                and their keys and values are added to it (causal or dense mode only).
+            input_pos: (B,) host tensor of each row's start position in the cache; optional (the
+                cache knows), and when given it must equal the tokens the cache already holds.
+            thresholds: routed layer id -> causal threshold, overriding the calibrated ones for
+                this call only (`causal_thresholds(fraction)`).
             valid_lengths: (B,) host tensor, real tokens per row (the rest right padding).
             last_only: return logits only at each row's last real token, (B, 1, V).
             return_routing: fill `routing` with the per-layer chosen masks.
@@ -144,22 +149,24 @@ class MoDTransformer(nn.Module):
             bad = int(input_ids[out_of_range][0])
             raise ValueError(f"token id {bad} out of range for vocab_size {cfg.vocab_size}")
         dev = input_ids.device
-        cache = None
         valid = None
         if valid_lengths is not None:
             valid_lengths = torch.as_tensor(valid_lengths, dtype=torch.long).cpu()
             valid = torch.arange(T, device=dev) < valid_lengths.to(dev)[:, None]  # (B, T)
-        if input_pos is not None:
-            cache = self.kv_cache
-            if cache is None:
-                raise ValueError("forward got input_pos but the model has no KV cache: call setup_cache() first")
+        if input_pos is not None and cache is None:
+            raise ValueError("forward got input_pos but no KV cache: pass cache=model.make_cache(...)")
+        if cache is not None:
             if mode == "topk":
                 raise ValueError("topk routing reads future tokens and cannot decode with a KV cache; use causal")
+            if cache.batch_size != B:
+                raise ValueError(f"the KV cache holds {cache.batch_size} rows, the input {B}")
+            if input_pos is None:
+                input_pos = cache.seq_lengths.clone()
             input_pos = torch.as_tensor(input_pos, dtype=torch.long).cpu()
             if input_pos.shape != (cache.batch_size,) or not torch.equal(input_pos, cache.seq_lengths):
                 raise ValueError(
                     f"input_pos {input_pos.tolist()} does not match the tokens in the cache "
-                    f"{cache.seq_lengths.tolist()} (reset_cache() to start over)"
+                    f"{cache.seq_lengths.tolist()} (cache.reset() to start over)"
                 )
             end = int((input_pos + T).max())
             if end > cache.max_seq_len:
@@ -176,7 +183,8 @@ class MoDTransformer(nn.Module):
         for layer in self.layers:
             if layer.routed:
                 x, info = layer(x, self.rope, position_ids, mode=mode, cache=cache, valid=valid,
-                                want_scores=return_scores)
+                                want_scores=return_scores,
+                                threshold=thresholds.get(layer.layer_id) if thresholds else None)
                 infos.append((layer.layer_id, info))
             else:
                 x, _ = layer(x, self.rope, position_ids, cache=cache)
@@ -192,25 +200,25 @@ class MoDTransformer(nn.Module):
         if targets is not None:
             out.lm_loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1),
                                           ignore_index=-100)
-            rc = cfg.routing
             loss = out.lm_loss
-            if out.aux_loss is not None:
-                loss = loss + rc.aux_loss_weight * out.aux_loss
-            if out.predictor_loss is not None:
-                loss = loss + rc.predictor_loss_weight * out.predictor_loss
-            if out.balance_loss is not None:
-                loss = loss + rc.balance_loss_weight * out.balance_loss
+            for name, value in out.losses.items():
+                loss = loss + out.loss_weights[name] * value
             out.loss = loss
         return out
 
-    @staticmethod
-    def _collect(out: ModelOutput, infos, return_routing: bool, return_scores: bool) -> None:
+    def _collect(self, out: ModelOutput, infos, return_routing: bool, return_scores: bool) -> None:
         def gather(key):
             return [info[key] for _, info in infos if key in info]
 
-        out.aux_loss = _mean(gather("aux_loss"))
-        out.predictor_loss = _mean(gather("predictor_loss"))
-        out.balance_loss = _mean(gather("balance_loss"))
+        terms: dict[str, list[torch.Tensor]] = {}
+        for _, info in infos:
+            for name, value in info["losses"].items():
+                terms.setdefault(name, []).append(value)
+        out.losses = {name: torch.stack(vs).mean() for name, vs in terms.items()}
+        weights = {}
+        for layer in self.routed_layers:
+            weights.update(layer.router.loss_weights)
+        out.loss_weights = {name: weights[name] for name in out.losses}
         fr = gather("frac")
         out.routed_frac = torch.stack(fr).detach() if fr else None
         acc = gather("causal_acc")
@@ -227,21 +235,20 @@ class MoDTransformer(nn.Module):
         the tokens of `input_ids` enter its block when decoding causally.
 
         Layers are calibrated in order, each under the already calibrated layers before it, since
-        an earlier layer's decisions change what a later layer sees. The score quantiles are kept
-        in the `score_quantiles` buffers (saved with the weights), so `set_causal_fraction` can
-        later move the operating point without data.
+        an earlier layer's decisions change what a later layer sees. Each threshold lies between two
+        distinct calibration scores (`mod.thresholds_for_fractions`), as near the fraction as ties
+        allow. A table of thresholds per fraction is kept in the `threshold_table` buffers (saved
+        with the weights), so `set_causal_fraction` and `causal_thresholds` can later move the
+        operating point without data.
 
         Returns the thresholds, one per routed layer.
         """
         fraction = self.cfg.routing.capacity if fraction is None else fraction
-        qs = torch.linspace(0, 1, N_QUANTILES, device=input_ids.device)
+        if not 0 <= fraction <= 1:
+            raise ValueError(f"routed fraction must be in [0, 1], got {fraction}")
         for layer in self.routed_layers:
             out = self(input_ids, mode="causal", return_scores=True)
-            s = out.scores[layer.layer_id].flatten().float()
-            if s.numel() > 1_000_000:  # torch.quantile's input limit; a strided sample suffices
-                s = s[:: math.ceil(s.numel() / 1_000_000)]
-            layer.score_quantiles.copy_(torch.quantile(s, qs))
-            layer.set_causal_fraction(fraction)
+            layer.calibrate(out.scores[layer.layer_id], fraction)
         return [float(layer.causal_threshold) for layer in self.routed_layers]
 
     def set_causal_fraction(self, fraction: float) -> None:

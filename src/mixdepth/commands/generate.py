@@ -1,18 +1,20 @@
 """`mixdepth generate`: sample text from a checkpoint with the KV cache and print statistics.
 
-The generation itself lives in `mixdepth.generate`; this module reads prompts, loads the
-checkpoint and its tokenizer, streams the text and writes routing maps.
+The generation is `mixdepth.generate.generate_text`; the routing maps are
+`mixdepth.plots.routing_maps_from_generation`.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
-from pathlib import Path
 
-from .generate import GenerationResult, encode_prompts, format_stats, generate_text
+from ..checkpoint import load_checkpoint_tokenizer, load_model, resolve_checkpoint
+from ..data import read_prompts
+from ..flags import add_device_args
+from ..generate import encode_prompts, format_stats, generate_text
+from ..plots import routing_maps_from_generation
+from ..runtime import resolve_device
 
-log = logging.getLogger("mixdepth")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint folder or run folder")
@@ -32,61 +34,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--routing-map", default=None, metavar="OUT.png",
                         help="save the routing map of what was generated (one per prompt), with the decisions "
                              "as .npz beside it")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-
-
-def _read_prompts(args: argparse.Namespace) -> list[str]:
-    if args.prompt is not None:
-        if not args.prompt:
-            raise ValueError("the prompt is empty")
-        return [args.prompt]
-    path = Path(args.prompts_file)
-    if not path.is_file():
-        raise ValueError(f"prompts file not found: {path}")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise ValueError(f"prompts file {path} is not UTF-8 text") from None
-    prompts = [line for line in lines if line.strip()]
-    if not prompts:
-        raise ValueError(f"prompts file {path} holds no prompt (one per line)")
-    return prompts
-
-
-def _token_text(tokenizer, t: int) -> str:
-    """One token's text for a tick label; a byte of a multi-byte character or a control
-    character shows as its id, e.g. <e2>."""
-    s = tokenizer.decode([t])
-    if "\ufffd" in s or any(not c.isprintable() and c not in " \n\t" for c in s):
-        return f"<{t:02x}>" if t < 256 else f"<{t}>"
-    return s
-
-
-def _save_routing_maps(out: str, tokenizer, res: GenerationResult, encoded: list[list[int]]) -> list[Path]:
-    from . import plots
-
-    if not res.routed_layers:
-        raise ValueError("--routing-map: the model has no routed layers (a dense model has no routing map)")
-    out_path = Path(out)
-    written = []
-    for b, decisions in enumerate(res.routing):
-        fed = (encoded[b] + res.tokens[b])[: decisions.shape[1]]
-        texts = [_token_text(tokenizer, t) for t in fed]
-        png = out_path if len(res.routing) == 1 else out_path.with_name(f"{out_path.stem}-{b}{out_path.suffix}")
-        d = decisions.numpy()
-        plots.save_decisions(png.with_suffix(".npz"), d, texts, res.routed_layers)
-        written.append(plots.plot_routing_map(
-            d, texts, png, layer_ids=res.routed_layers,
-            title=f"causal routing while generating: prompt {b}, {d.shape[1]} tokens fed "
-                  f"({100 * d.mean():.1f}% of token-layer slots chosen)"))
-    return written
+    add_device_args(parser, dtype=False)
 
 
 def run(args: argparse.Namespace) -> int:
-    from .checkpoint import load_checkpoint_tokenizer, load_model, resolve_checkpoint
-    from .train import resolve_device
-
-    prompts = _read_prompts(args)
+    if args.prompt is not None and not args.prompt:
+        raise ValueError("the prompt is empty")
+    prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts_file)
     ckpt = resolve_checkpoint(args.checkpoint)  # a run folder -> its latest checkpoint
     if args.fraction is not None and not 0 <= args.fraction <= 1:
         raise ValueError(f"--fraction must be in [0, 1], got {args.fraction}")
@@ -113,6 +67,6 @@ def run(args: argparse.Namespace) -> int:
     print(format_stats(res))
     if args.routing_map:
         encoded = encode_prompts(tokenizer, prompts, model.cfg.vocab_size)
-        for path in _save_routing_maps(args.routing_map, tokenizer, res, encoded):
+        for path in routing_maps_from_generation(res, tokenizer, encoded, args.routing_map):
             print(f"routing map: {path}")
     return 0
