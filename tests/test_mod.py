@@ -496,3 +496,54 @@ def test_calibration_with_every_block_routing_on_bytes(seed):
             step = model(y[:, t : t + 1], mode="causal", cache=cache, return_routing=True)
             for i, m in step.routing.items():
                 assert torch.equal(m[:, 0], full.routing[i][:, t]), (i, t)
+
+
+# ---- a new router is one class ------------------------------------------------------------------------
+def test_a_new_router_is_one_registered_class():
+    """A router defined here, in one class, trains (with its own named loss), decodes causally with
+    the cache, and is counted by `flops`, without any change to the model, flops or the config."""
+    from mixdepth import ModelConfig, flops
+    from mixdepth.config import ROUTERS
+    from mixdepth.model.routers import ROUTER_CLASSES, LinearRouter, register_router
+
+    @register_router("test_threshold")
+    class ThresholdRouter(LinearRouter):
+        """Tokens with r > 0 ask for the block, at most k get it; a z-loss keeps r small."""
+
+        def __init__(self, cfg):
+            super().__init__(cfg)
+            self.loss_weights = {"z_loss": 0.5}
+
+        def forward(self, x):
+            return torch.nn.functional.linear(x, self.weight).squeeze(-1).float()
+
+        def select(self, r, k):
+            idx = topk_indices(r, k)
+            return idx, r.gather(1, idx) > 0
+
+        def topk_terms(self, x, r, chosen):
+            return {"z_loss": r.pow(2).mean()}, r.detach()
+
+    try:
+        cfg = ModelConfig.from_name("debug", routing=dict(router="test_threshold", capacity=0.25))
+        model = MoDTransformer(cfg)
+        ids = _ids(2, T + 1)
+        out = model(ids[:, :-1], ids[:, 1:])
+        assert set(out.losses) == {"z_loss"} and out.loss_weights == {"z_loss": 0.5}
+        torch.testing.assert_close(out.loss, out.lm_loss + 0.5 * out.losses["z_loss"])
+        out.loss.backward()
+        assert model.layers[1].router.weight.grad.abs().sum() > 0
+        counts = flops.param_counts(cfg)
+        assert counts["total"] == sum(p.numel() for p in model.parameters())
+        assert counts["routers"] == len(cfg.routed_layer_ids) * cfg.dim
+        model.eval()
+        with torch.no_grad():
+            model.calibrate_causal(_ids(4, T), 0.5)
+            full = model(ids, mode="causal")
+            cache = model.make_cache(2, T + 1)
+            steps = [model(ids[:, t : t + 1], mode="causal", cache=cache).logits for t in range(T + 1)]
+        torch.testing.assert_close(torch.cat(steps, 1), full.logits, atol=1e-5, rtol=1e-5)
+    finally:
+        ROUTER_CLASSES.pop("test_threshold", None)
+        if "test_threshold" in ROUTERS:
+            ROUTERS.remove("test_threshold")

@@ -331,3 +331,56 @@ def test_grad_accumulation_averages_micro_batches(tmp_path, monkeypatch):
         assert b["tokens"] == 3 * a["tokens"]
         for k in ("loss", "lm_loss", "grad_norm"):
             assert b[k] == pytest.approx(a[k], rel=1e-5), k
+
+
+# ---- experiment trackers --------------------------------------------------------------------------
+def test_tensorboard_tracker_logs_what_metrics_jsonl_holds(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = _cfg(tmp_path, max_steps=3, eval_every=3, log_to="tensorboard")
+    run_train(cfg)
+    rows = _metrics(Path(cfg.out_dir))
+    acc = EventAccumulator(str(Path(cfg.out_dir) / "tensorboard"))
+    acc.Reload()
+    for key in ("lm_loss", "predictor_loss", "grad_norm", "val_loss", "routed_frac/0"):
+        assert key in acc.Tags()["scalars"], key
+    got = [(e.step, e.value) for e in acc.Scalars("lm_loss")]
+    assert got == [(r["step"], pytest.approx(r["lm_loss"])) for r in rows]
+
+
+def test_wandb_tracker_offline(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = _cfg(tmp_path, max_steps=3, eval_every=3, log_to="wandb")
+    run_train(cfg)
+    rows = _metrics(Path(cfg.out_dir))
+    runs_ = sorted((Path(cfg.out_dir) / "wandb").glob("offline-run-*"))
+    assert len(runs_) == 1 and list(runs_[0].glob("*.wandb")), list((Path(cfg.out_dir) / "wandb").iterdir())
+    # the run's record file holds each logged key and value (values as JSON text, the step's own)
+    data = next(runs_[0].glob("*.wandb")).read_bytes()
+    for key in ("lm_loss", "predictor_loss", "grad_norm", "val_loss", "routed_frac/0"):
+        assert key.encode() in data, key
+    for r in rows:
+        assert json.dumps(r["lm_loss"]).encode() in data, r["lm_loss"]
+
+
+def test_unknown_tracker_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="train.log_to"):
+        _cfg(tmp_path, log_to="mlflow")
+
+
+def test_a_run_json_is_a_config_file(tmp_path):
+    """`train --config <run>/run.json` repeats a run: its settings, model included, are read."""
+    from mixdepth.cli import build_parser
+    from mixdepth.commands.train import config_from_args
+
+    cfg = _cfg(tmp_path, model=ModelConfig.from_name("debug", dim=96, routing=dict(capacity=0.25)), max_steps=2,
+               lr=3e-3)
+    run_train(cfg)
+    args = build_parser().parse_args(["train", "--config", str(Path(cfg.out_dir) / "run.json"),
+                                      "--out", str(tmp_path / "again")])
+    got = config_from_args(args)
+    assert got.model == cfg.model and got.lr == 3e-3 and got.max_steps == 2
+    assert got.out_dir == str(tmp_path / "again")

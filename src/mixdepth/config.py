@@ -22,7 +22,8 @@ from .files import read_json_file
 
 log = logging.getLogger("mixdepth")
 
-ROUTERS = ("expert_choice", "token_choice", "random", "none")
+ROUTERS = ["expert_choice", "token_choice", "random", "none"]
+"""Router names; `mixdepth.model.routers.register_router` adds new ones."""
 GATES = ("raw", "sigmoid", "straight_through")
 MODES = ("topk", "causal", "dense")
 CAUSAL_METHODS = ("predictor", "aux_loss")

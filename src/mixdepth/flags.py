@@ -169,13 +169,24 @@ def add_model_args(parser: argparse.ArgumentParser, default_preset: str | None =
     add_dataclass_args(parser, RoutingConfig, "routing")
 
 
+# what the trainer adds to a run's run.json besides its settings (see mixdepth.runs.DERIVED)
+RUN_DERIVED = ("total_steps", "tokens_per_step", "flops_per_step")
+
+
 def load_config_file(args: argparse.Namespace) -> dict[str, Any]:
-    """The `--config` file's sections (empty without one); an unknown section is a one-line error."""
+    """The `--config` file's sections (empty without one); an unknown section is a one-line error.
+
+    A training run's `run.json` is read too: its top-level settings become the `train` section.
+    """
     if not getattr(args, "config", None):
         return {}
     data = read_json_file(args.config)
     if not isinstance(data, dict):
         raise CLIError(f"config file {args.config} must hold a JSON object")
+    if isinstance(data.get("model"), dict) and "train" not in data and "routing" not in data \
+            and set(data) - set(CONFIG_SECTIONS):
+        # a run folder's run.json: training settings at the top level, the model nested
+        data = {"model": data["model"], "train": {k: v for k, v in data.items() if k not in ("model", *RUN_DERIVED)}}
     unknown = sorted(set(data) - set(CONFIG_SECTIONS))
     if unknown:
         raise CLIError(f"config file {args.config}: unknown section {unknown[0]!r} (known: "

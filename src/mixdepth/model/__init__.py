@@ -10,6 +10,7 @@ from .routers import (
     Router,
     TokenChoiceRouter,
     make_router,
+    register_router,
     router_class,
 )
 from .transformer import ModelOutput, MoDTransformer
@@ -17,5 +18,5 @@ from .transformer import ModelOutput, MoDTransformer
 __all__ = [
     "MLP", "Attention", "Block", "ExpertChoiceRouter", "Linear", "MoDBlock", "MoDTransformer", "ModelOutput",
     "Predictor", "RMSNorm", "ROUTER_CLASSES", "RandomRouter", "RotaryEmbedding", "Router", "TokenChoiceRouter",
-    "apply_rope", "attention_reference", "make_router", "router_class",
+    "apply_rope", "attention_reference", "make_router", "register_router", "router_class",
 ]

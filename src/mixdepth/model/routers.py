@@ -17,8 +17,8 @@ The kinds:
   sigmoid(r) = softmax(l)[block]; a token asks for the block iff r > 0; at most k get it.
 - `RandomRouter`: no parameters; k uniformly random tokens (the paper's ablation, fig. 5).
 
-A new router is one new class registered in `ROUTER_CLASSES`; `make_router` is the only place
-that reads the router's name.
+A new router is one new class, decorated with `@register_router("name")`; `make_router` is the
+only place that reads the router's name.
 
 Dimensions: B batch, T tokens, K gathered tokens, D model width.
 """
@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import ModelConfig
+from ..config import ROUTERS, ModelConfig
 from .layers import Linear
 
 
@@ -284,6 +284,19 @@ ROUTER_CLASSES: dict[str, type[Router]] = {
     "random": RandomRouter,
     "none": Router,  # a dense model: no routed layer, so no router cost
 }
+
+
+def register_router(name: str):
+    """Class decorator: make a `Router` subclass available as `routing.router=name` everywhere
+    (config validation, the model, FLOP accounting, the CLI)."""
+
+    def register(cls: type[Router]) -> type[Router]:
+        ROUTER_CLASSES[name] = cls
+        if name not in ROUTERS:
+            ROUTERS.append(name)
+        return cls
+
+    return register
 
 
 def router_class(cfg: ModelConfig) -> type[Router]:
