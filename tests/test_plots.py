@@ -216,3 +216,16 @@ def test_token_strings_show_bytes_and_control_characters_as_ids():
             return self.vocab[ids[0]]
 
     assert token_strings(Words(), [0, 1, 2, 300]) == ["hi", "<1>", "<2>", "<300>"]
+
+
+def test_loss_curves_of_a_named_auxiliary_loss(tmp_path):
+    """A loss a router logs by name is plotted by name; a key that names no loss is refused."""
+    d = tmp_path / "run"
+    d.mkdir()
+    (d / "metrics.jsonl").write_text("".join(json.dumps({"step": i, "tokens": i, "flops": i, "lm_loss": 3.0,
+                                                         "balance_loss": 1.0 + 0.1 * i}) + "\n" for i in range(1, 5)))
+    assert plot_loss_curves([d], tmp_path / "b.png", x="step", key="balance_loss").exists()
+    with pytest.raises(ValueError, match="no z_loss"):
+        plot_loss_curves([d], tmp_path / "z.png", key="z_loss")
+    with pytest.raises(ValueError, match="key must name a logged loss"):
+        plot_loss_curves([d], tmp_path / "g.png", key="grad_norm")

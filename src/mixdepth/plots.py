@@ -102,7 +102,8 @@ def plot_loss_curves(
         run_dirs: run folders (each with a `metrics.jsonl`) or metrics files.
         out_png: where to write the figure.
         x: `flops` (the isoFLOP view the paper uses), `step` or `tokens`.
-        key: one metric or several: `lm_loss` (training), `val_loss` (periodic eval), `loss`.
+        key: one metric or several: `lm_loss` (training), `val_loss` (periodic eval), `loss`, or
+            any auxiliary loss logged by name (`predictor_loss`, `aux_loss`, `balance_loss`, ...).
             Training curves are solid lines, validation curves dashed with markers.
         labels: legend labels, one per run (default: folder name, router and capacity).
         title: figure title.
@@ -113,9 +114,11 @@ def plot_loss_curves(
     if x not in X_AXES:
         raise ValueError(f"x must be one of {tuple(X_AXES)}, got {x!r}")
     keys = [key] if isinstance(key, str) else list(key)
-    bad = [k for k in keys if k not in LOSS_KEYS]
+    # any loss a run logs by name (a router's aux losses too): metrics.jsonl keys ending in `loss`
+    bad = [k for k in keys if not k.endswith("loss")]
     if bad or not keys:
-        raise ValueError(f"key must be among {LOSS_KEYS}, got {bad[0] if bad else keys!r}")
+        raise ValueError(f"key must name a logged loss ({', '.join(LOSS_KEYS)}, aux_loss, predictor_loss, ...), "
+                         f"got {bad[0] if bad else keys!r}")
     if not run_dirs:
         raise ValueError("no run folders given")
     if labels is not None and len(labels) != len(run_dirs):

@@ -26,7 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="loss_curves.png", help="output PNG (default: loss_curves.png)")
     p.add_argument("--x", default="flops", choices=sorted(X_AXES), help="x axis (default: flops)")
     p.add_argument("--key", default="lm_loss,val_loss",
-                   help=f"comma-separated metrics among {', '.join(LOSS_KEYS)} (default: lm_loss,val_loss)")
+                   help=f"comma-separated losses: {', '.join(LOSS_KEYS)} or any logged by name, e.g. "
+                        "predictor_loss (default: lm_loss,val_loss)")
     p.add_argument("--labels", default=None, help="comma-separated legend labels, one per run")
     p.add_argument("--title", default=None)
 
