@@ -127,6 +127,9 @@ class CacheSlot:
             layer.lengths += self.counts
         else:
             layer.lengths[rows_host] += self.counts
+        if subset and N == 1 and T == 1:  # one row decodes: attend to its own slots alone (views, no mask)
+            b, n = int(rows_host[0]), int(offsets[0]) + 1
+            return KVRead(layer.k[b : b + 1, :, :n], layer.v[b : b + 1, :, :n], None, False, None)
         keys, values = layer.k[:, :, :L], layer.v[:, :, :L]  # (B, G, L, E) views, no copy
         if uniform and T == 1:
             return KVRead(keys, values, None, False, None)

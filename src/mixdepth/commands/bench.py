@@ -51,8 +51,9 @@ def _fmt(rec: dict) -> str:
 def run(args: argparse.Namespace) -> int:
     cfg = model_config_from_args(args)
     steady_allocator()
-    if cfg.routing.router == "none":
-        raise CLIError("bench compares a routed model with its dense twin: --routing.router must not be none")
+    if not cfg.routed_layer_ids:
+        raise CLIError("bench compares a routed model with its dense twin, and this config routes no layer "
+                       f"(router {cfg.routing.router}, routed layers {cfg.routing.routed_layers})")
     dev = resolve_device(args.device)
     dtype = torch_dtype(args.dtype, dev)
     need = max(args.seq_len, args.context + args.new_tokens)
