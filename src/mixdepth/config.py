@@ -28,6 +28,8 @@ GATES = ("raw", "sigmoid", "straight_through")
 MODES = ("topk", "causal", "dense")
 CAUSAL_METHODS = ("predictor", "aux_loss")
 DTYPES = ("auto", "fp32", "bf16")
+RUN_DERIVED = ("total_steps", "tokens_per_step", "flops_per_step")
+"""Keys a trainer writes into a run's run.json beside its settings, derived from them."""
 
 
 def _check(cond: bool, msg: str) -> None:

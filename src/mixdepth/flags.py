@@ -1,11 +1,12 @@
 """Command-line flags generated from the config dataclasses, and the flags every command shares.
 
-A leaf module (the standard library and `mixdepth.config` only), so the commands and any other
-front end can build on it without loading the library. Flags for a dataclass are generated from
-its fields (`--model.dim`, `--routing.capacity`, `--train.lr`), with help text from the fields'
-attribute docstrings. Precedence of values: dataclass defaults < `--preset` < `--config FILE.json`
-< flags. A config file holds the sections `model`, `routing` and `train`; any other top-level key
-is refused. Every user error is one line on stderr and exit status 2 (argparse's convention).
+A leaf module (the standard library, `mixdepth.config` and `mixdepth.files` only), so the commands
+and any other front end can build on it without loading the model. Flags for a dataclass are
+generated from its fields (`--model.dim`, `--routing.capacity`, `--train.lr`), with help text from
+the fields' attribute docstrings. Precedence of values: dataclass defaults < `--preset` <
+`--config FILE.json` < flags. A config file holds the sections `model`, `routing` and `train` (any
+other top-level key is refused), or is a training run's `run.json` (its top-level settings become
+`train`). Every user error is one line on stderr and exit status 2 (argparse's convention).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import types
 import typing
 from typing import Any
 
-from .config import DTYPES, PRESETS, ModelConfig, RoutingConfig, is_device_name
+from .config import DTYPES, PRESETS, RUN_DERIVED, ModelConfig, RoutingConfig, is_device_name
 from .files import read_json_file
 
 # top-level sections of a --config file; `train` is read by `mixdepth train` and ignored by the
@@ -167,10 +168,6 @@ def add_model_args(parser: argparse.ArgumentParser, default_preset: str | None =
                              "over the preset")
     add_dataclass_args(parser, ModelConfig, "model")
     add_dataclass_args(parser, RoutingConfig, "routing")
-
-
-# what the trainer adds to a run's run.json besides its settings (see mixdepth.runs.DERIVED)
-RUN_DERIVED = ("total_steps", "tokens_per_step", "flops_per_step")
 
 
 def load_config_file(args: argparse.Namespace) -> dict[str, Any]:

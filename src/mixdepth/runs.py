@@ -21,13 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import resolve_checkpoint
+from .config import RUN_DERIVED
 from .files import read_json_file, write_json_atomic, write_text_atomic
 
 log = logging.getLogger("mixdepth")
 
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
-DERIVED = ("total_steps", "tokens_per_step", "flops_per_step")
+DERIVED = RUN_DERIVED
 """Keys of run.json that the trainer derives from the settings (not settings themselves)."""
 INCIDENTAL = ("resume", "progress", "cache_dir", "out_dir", "log_to")
 """Settings that do not change what a run computes."""

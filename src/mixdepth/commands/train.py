@@ -7,7 +7,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from ..config import ModelConfig
+from ..config import RUN_DERIVED, ModelConfig
 from ..files import read_json_file
 from ..flags import (
     CLIError,
@@ -49,7 +49,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     base: dict[str, Any] = {}
     if args.resume and (Path(out) / "run.json").exists():
         base = read_json_file(Path(out) / "run.json")
-        for k in ("total_steps", "tokens_per_step", "flops_per_step"):
+        for k in RUN_DERIVED:
             base.pop(k, None)
     base.update(file.get("train", {}))
     if args.resume and base and not model_given:

@@ -60,6 +60,8 @@ class MoDTransformer(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        # weight of each named auxiliary loss, as the routers declare them (fixed at construction)
+        self.loss_weights = {name: w for layer in self.routed_layers for name, w in layer.router.loss_weights.items()}
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -215,10 +217,7 @@ class MoDTransformer(nn.Module):
             for name, value in info["losses"].items():
                 terms.setdefault(name, []).append(value)
         out.losses = {name: torch.stack(vs).mean() for name, vs in terms.items()}
-        weights = {}
-        for layer in self.routed_layers:
-            weights.update(layer.router.loss_weights)
-        out.loss_weights = {name: weights[name] for name in out.losses}
+        out.loss_weights = {name: self.loss_weights[name] for name in out.losses}
         fr = gather("frac")
         out.routed_frac = torch.stack(fr).detach() if fr else None
         acc = gather("causal_acc")
