@@ -28,6 +28,11 @@ GATES = ("raw", "sigmoid", "straight_through")
 MODES = ("topk", "causal", "dense")
 CAUSAL_METHODS = ("predictor", "aux_loss")
 DTYPES = ("auto", "fp32", "bf16")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+"""Hugging Face model families (`model_type`) whose architecture a `ModelConfig` can express."""
+ROPE_SCALINGS = {"linear": ("factor",),
+                 "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+"""RoPE scaling types and their parameters, named as in Hugging Face configs."""
 RUN_DERIVED = ("total_steps", "tokens_per_step", "flops_per_step")
 """Keys a trainer writes into a run's run.json beside its settings, derived from them."""
 
@@ -175,6 +180,24 @@ class ModelConfig(_Serializable):
     """RMSNorm epsilon."""
     tie_embeddings: bool = True
     """Share the input embedding and the output projection."""
+    qkv_bias: bool = False
+    """Bias on the q, k and v projections (Qwen2; Llama's `attention_bias`)."""
+    o_bias: bool = False
+    """Bias on the attention output projection (Llama's `attention_bias`)."""
+    mlp_bias: bool = False
+    """Bias on the MLP projections (Llama's `mlp_bias`)."""
+    qk_norm: bool = False
+    """RMSNorm of each query and key head before RoPE (Qwen3)."""
+    rope_scaling: dict | None = None
+    """RoPE scaling, as in Hugging Face configs: {"rope_type": "linear", "factor": 8.0} or
+    {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
+    "original_max_position_embeddings"}; None for plain RoPE."""
+    sliding_window: int = 0
+    """Attention window of the source model (Mistral); 0 for none. Attention here always spans the
+    whole prefix, so max_seq_len may not exceed the window: the model then computes what the source does."""
+    family: str = "llama"
+    """Hugging Face model family this architecture follows (llama, mistral, qwen2, qwen3): the
+    `model_type` that `mixdepth export` writes."""
     init_std: float = 0.02
     """Standard deviation of the weight initialisation (output projections are scaled by depth)."""
     routing: RoutingConfig = field(default_factory=RoutingConfig)
@@ -207,6 +230,23 @@ class ModelConfig(_Serializable):
         _check(self.rope_theta > 0, f"model.rope_theta must be > 0, got {self.rope_theta}")
         _check(self.norm_eps > 0, f"model.norm_eps must be > 0, got {self.norm_eps}")
         _check(self.init_std > 0, f"model.init_std must be > 0, got {self.init_std}")
+        _check(self.family in FAMILIES, f"model.family must be one of {FAMILIES}, got {self.family!r}")
+        if self.rope_scaling is not None:
+            rs = self.rope_scaling
+            kind = rs.get("rope_type") if isinstance(rs, dict) else None
+            _check(kind in ROPE_SCALINGS, f"model.rope_scaling.rope_type must be one of {tuple(ROPE_SCALINGS)}, "
+                                          f"got {kind!r}")
+            for key in ROPE_SCALINGS[kind]:
+                v = rs.get(key)
+                _check(isinstance(v, (int, float)) and v > 0,
+                       f"model.rope_scaling.{key} must be a number > 0 for {kind} scaling, got {v!r}")
+            extra = sorted(set(rs) - {"rope_type", *ROPE_SCALINGS[kind]})
+            _check(not extra, f"model.rope_scaling has unknown key {extra[:1]} for {kind} scaling")
+        _check(isinstance(self.sliding_window, int) and self.sliding_window >= 0,
+               f"model.sliding_window must be an integer >= 0, got {self.sliding_window}")
+        _check(not self.sliding_window or self.max_seq_len <= self.sliding_window,
+               f"model.max_seq_len ({self.max_seq_len}) exceeds model.sliding_window ({self.sliding_window}): "
+               "attention spans the whole prefix here, so longer sequences would not match the source model")
         if self.routing.routed_layers is not None:
             bad = [i for i in self.routing.routed_layers if i >= self.n_layers]
             _check(not bad, f"routing.routed_layers has index {bad[:1]} >= model.n_layers ({self.n_layers})")

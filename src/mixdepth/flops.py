@@ -35,7 +35,10 @@ def _block_matmul_params(cfg: ModelConfig) -> int:
 
 def param_counts(cfg: ModelConfig) -> dict[str, int]:
     """Parameter counts by part. `total` counts a tied embedding once."""
-    block = _block_matmul_params(cfg) + 2 * cfg.dim  # + two RMSNorm weights
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    biases = (q + 2 * kv) * cfg.qkv_bias + cfg.dim * cfg.o_bias + (2 * cfg.ffn_dim + cfg.dim) * cfg.mlp_bias
+    # + two RMSNorm weights (and the per-head q/k norms of Qwen3)
+    block = _block_matmul_params(cfg) + biases + 2 * cfg.dim + 2 * cfg.head_dim * cfg.qk_norm
     n_routed = len(cfg.routed_layer_ids)
     parts = router_class(cfg).param_counts(cfg)  # the router's own parts, by name
     embedding = cfg.vocab_size * cfg.dim

@@ -10,6 +10,8 @@ G key/value heads, E head width, S cache slots, F MLP hidden width.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -28,8 +30,9 @@ _BIG_WEIGHT = 1 << 18  # elements: a 512 x 512 projection
 
 
 class Linear(nn.Linear):
-    """Bias-free linear layer. Every matmul in the model goes through it, so FLOPs and parameter
-    counts can be read off the module tree (see `mixdepth.flops`)."""
+    """Linear layer, bias-free unless asked (converted models may carry biases). Every matmul in
+    the model goes through it, so FLOPs and parameter counts can be read off the module tree (see
+    `mixdepth.flops`)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         super().__init__(in_features, out_features, bias=bias)
@@ -71,21 +74,45 @@ class RotaryEmbedding(nn.Module):
     table is only ever indexed by the original ids).
     """
 
-    def __init__(self, head_dim: int, max_seq_len: int, theta: float) -> None:
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float, scaling: dict | None = None) -> None:
         super().__init__()
         self.max_seq_len = max_seq_len
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-        t = torch.arange(max_seq_len, dtype=torch.float64)
+        inv_freq = rope_inv_freq(head_dim, theta, scaling)  # (E/2,)
+        t = torch.arange(max_seq_len, dtype=torch.float32)
         freqs = torch.outer(t, inv_freq)  # (S, E/2)
         emb = torch.cat([freqs, freqs], dim=-1)  # (S, E), HF's rotate_half layout
-        self.register_buffer("cos", emb.cos().float(), persistent=False)
-        self.register_buffer("sin", emb.sin().float(), persistent=False)
+        self.register_buffer("cos", emb.cos(), persistent=False)
+        self.register_buffer("sin", emb.sin(), persistent=False)
 
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, T) or (T,) position ids -> cos, sin of shape (B|1, 1, T, E) in fp32."""
         if position_ids.dim() == 1:
             position_ids = position_ids[None]
         return self.cos[position_ids][:, None], self.sin[position_ids][:, None]
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> torch.Tensor:
+    """(E/2,) fp32 inverse frequencies, computed in the same fp32 steps as Hugging Face's, so a
+    converted model's angles are bit-equal to its source's.
+
+    `scaling` (`ModelConfig.rope_scaling`): `linear` divides every frequency by `factor`; `llama3`
+    (Llama 3.1) divides the low frequencies by `factor`, keeps the high ones and interpolates between.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if scaling is None:
+        return inv_freq
+    factor = scaling["factor"]
+    if scaling["rope_type"] == "linear":
+        return inv_freq / factor
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -124,10 +151,14 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.q_proj = Linear(cfg.dim, cfg.n_heads * cfg.head_dim)
-        self.k_proj = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim)
-        self.v_proj = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim)
-        self.o_proj = Linear(cfg.n_heads * cfg.head_dim, cfg.dim)
+        self.q_proj = Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.o_bias)
+        if cfg.qk_norm:  # Qwen3: each head's query and key normalised before RoPE
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+        self.qk_norm = cfg.qk_norm
         self.gqa = cfg.n_kv_heads != cfg.n_heads
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None) -> torch.Tensor:
@@ -135,6 +166,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, E)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, G, T, E)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, G, T, E)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
             keys, values, mask, causal, rows = k, v, None, T > 1, None
@@ -154,9 +187,9 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.gate_proj = Linear(cfg.dim, cfg.ffn_dim)
-        self.up_proj = Linear(cfg.dim, cfg.ffn_dim)
-        self.down_proj = Linear(cfg.ffn_dim, cfg.dim)
+        self.gate_proj = Linear(cfg.dim, cfg.ffn_dim, bias=cfg.mlp_bias)
+        self.up_proj = Linear(cfg.dim, cfg.ffn_dim, bias=cfg.mlp_bias)
+        self.down_proj = Linear(cfg.ffn_dim, cfg.dim, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -59,7 +59,7 @@ class MoDTransformer(nn.Module):
         self.lm_head = Linear(cfg.dim, cfg.vocab_size)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
         # weight of each named auxiliary loss, as the routers declare them (fixed at construction)
         self.loss_weights = {name: w for layer in self.routed_layers for name, w in layer.router.loss_weights.items()}
         self.reset_parameters()
@@ -177,7 +177,8 @@ class MoDTransformer(nn.Module):
             cache.begin(valid_lengths if valid_lengths is not None else torch.full((B,), T))
         else:
             if T > cfg.max_seq_len:
-                raise ValueError(f"sequence of {T} tokens exceeds model.max_seq_len ({cfg.max_seq_len})")
+                window = f", the source model's sliding window" if cfg.sliding_window else ""
+                raise ValueError(f"sequence of {T} tokens exceeds model.max_seq_len ({cfg.max_seq_len}{window})")
             position_ids = torch.arange(T, device=dev)[None]  # (1, T)
 
         x = self.embed_tokens(input_ids)  # (B, T, D)
