@@ -243,6 +243,23 @@ def _load_weights(model: torch.nn.Module, ckpt: Path) -> None:
         assert model.lm_head.weight is model.embed_tokens.weight
 
 
+def is_routing_parameter(name: str) -> bool:
+    """True for the parameters of routers and predictors (`layers.{i}.router.*`, `layers.{i}.predictor.*`)."""
+    return ".router." in name or ".predictor." in name
+
+
+def load_weights(model: torch.nn.Module, path: str | Path) -> Path:
+    """Load a checkpoint's weights into `model`, whose config may differ in routing settings only
+    where the weights' names and shapes allow (e.g. capacity or gate). Returns the checkpoint folder."""
+    ckpt = verify_checkpoint(path)
+    saved = load_config(ckpt)
+    if saved.tie_embeddings != model.cfg.tie_embeddings:
+        raise ValueError(f"{ckpt / 'config.json'} has tie_embeddings {saved.tie_embeddings}, the model "
+                         f"{model.cfg.tie_embeddings}")
+    _load_weights(model, ckpt)
+    return ckpt
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
     """Build a `MoDTransformer` (in eval mode) from a checkpoint folder or a run folder (its `latest`).
 

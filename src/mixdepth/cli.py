@@ -23,6 +23,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("mixdepth.commands.bench", "speed and memory of MoD vs dense in one process"),
     "flops": ("mixdepth.commands.flops",
               "print FLOPs, parameters and KV bytes of a config against its dense twin"),
+    "convert": ("mixdepth.commands.convert", "convert a Hugging Face folder or GGUF file to a MoD checkpoint"),
+    "export": ("mixdepth.commands.export", "write a checkpoint as a Hugging Face folder (routing beside it)"),
     "plot": ("mixdepth.commands.plot", "loss curves and routing maps as PNG files"),
     "demo": ("mixdepth.commands.demo", "train dense and MoD at equal FLOPs, evaluate, report"),
 }

@@ -8,7 +8,9 @@
   Near-duplicates matter beyond size: a play in train and its Folio twin in validation would
   leak the validation text into training.
 - Any text file or folder can be used instead.
-- Tokenizers: byte-level (default, vocabulary 256, any text) or BPE trained with `tokenizers`.
+- Tokenizers: byte-level (default, vocabulary 256, any text), BPE trained with `tokenizers`, or a
+  Hugging Face tokenizer folder (`HFTokenizer`: a converted pretrained model's own tokenizer, with
+  its chat template rendered as transformers renders it).
 - Tokens are written once to `train.bin`/`val.bin` (uint16, or uint32 for vocabularies over
   65535) plus `meta.json`, in a folder named by a hash of the content and the tokenizer, so a
   second run reuses them. Every document gives its last `val_fraction` to validation, so the
@@ -19,6 +21,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -29,6 +32,7 @@ import sys
 import tarfile
 import tempfile
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -135,13 +139,219 @@ class BPETokenizer:
         self.tok.save(str(Path(directory, "tokenizer.json")))
 
 
-Tokenizer = ByteTokenizer | BPETokenizer
+HF_SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "chat_template.json",
+                 "generation_config.json")
+"""The files of a Hugging Face tokenizer folder besides `tokenizer.json` (all optional)."""
+SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+"""The named special tokens a chat template sees, as in transformers' `special_tokens_map`."""
+
+
+class HFTokenizer(BPETokenizer):
+    """A Hugging Face tokenizer folder: `tokenizer.json` plus its side files (config, chat template).
+
+    Encoding matches transformers' `AutoTokenizer(text)["input_ids"]`: tokenizer.json's
+    post-processor adds the special tokens (so a BOS is kept; transformers 5 ignores the config's
+    `add_bos_token` beside a tokenizer.json, and so do we); decoding skips special tokens. Every
+    file is kept in memory as loaded, so `save` writes it back byte for byte.
+
+    Attributes:
+        files: file name -> the bytes it was loaded from.
+        special_tokens: named special tokens (`bos_token`, `eos_token`, ...) -> their text.
+        bos_token, eos_token: the text of those tokens, or None.
+        chat_template: the Jinja chat template, or None.
+        stop_ids: sorted token ids that end a generation (the eos token and generation_config.json's
+            `eos_token_id`), as Hugging Face's `generate` stops at them.
+    """
+
+    kind = "hf"
+
+    def __init__(self, tokenizer: Any, files: dict[str, bytes]) -> None:
+        super().__init__(tokenizer)
+        self.files = dict(files)
+        config = self._json("tokenizer_config.json")
+        tokens_map = self._json("special_tokens_map.json")
+        self.special_tokens = {}
+        for name in SPECIAL_TOKEN_NAMES:  # tokenizer_config.json first, special_tokens_map.json (legacy) else
+            text = _token_text(config.get(name, tokens_map.get(name)))
+            if text is not None:
+                self.special_tokens[name] = text
+        self.bos_token = self.special_tokens.get("bos_token")
+        self.eos_token = self.special_tokens.get("eos_token")
+        self.chat_template = self._find_chat_template(config)
+        self.stop_ids = self._find_stop_ids()
+
+    @classmethod
+    def from_folder(cls, path: str | Path) -> HFTokenizer:
+        """Load `tokenizer.json` and the side files present in folder `path`.
+
+        Raises:
+            ValueError: (one line, naming the file) if `tokenizer.json` is missing or unreadable, or
+                a JSON side file is corrupt.
+        """
+        from tokenizers import Tokenizer
+
+        folder = Path(path)
+        files = {name: (folder / name).read_bytes() for name in ("tokenizer.json", *HF_SIDE_FILES)
+                 if (folder / name).is_file()}
+        main = folder / "tokenizer.json"
+        if "tokenizer.json" not in files:
+            raise ValueError(f"tokenizer file not found: {main}")
+        try:
+            tok = Tokenizer.from_str(files["tokenizer.json"].decode("utf-8"))
+        except Exception as e:  # UnicodeDecodeError or the tokenizers library's own exception types
+            first = (str(e).splitlines() or ["unreadable"])[0]
+            raise ValueError(f"cannot read tokenizer file {main}: {first}") from None
+        for name, raw in files.items():
+            if name.endswith(".json") and name != "tokenizer.json":
+                _parse_json_object(raw, folder / name)
+            elif name.endswith(".jinja"):
+                _decode_text(raw, folder / name)
+        return cls(tok, files)
+
+    # ---- the side files ---------------------------------------------------------------------------
+    def _json(self, name: str) -> dict[str, Any]:
+        return json.loads(self.files[name]) if name in self.files else {}
+
+    def _find_chat_template(self, config: dict[str, Any]) -> str | None:
+        """chat_template.jinja, else chat_template.json's, else tokenizer_config.json's template."""
+        if "chat_template.jinja" in self.files:
+            return self.files["chat_template.jinja"].decode("utf-8")
+        template = self._json("chat_template.json").get("chat_template", config.get("chat_template"))
+        if isinstance(template, list):  # named templates, [{"name": ..., "template": ...}]: the default one
+            template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+        return template if isinstance(template, str) else None
+
+    def _find_stop_ids(self) -> list[int]:
+        """The eos token's id plus generation_config.json's `eos_token_id` (an int or a list)."""
+        ids = set()
+        if self.eos_token is not None and self.tok.token_to_id(self.eos_token) is not None:
+            ids.add(self.tok.token_to_id(self.eos_token))
+        extra = self._json("generation_config.json").get("eos_token_id")
+        ids.update(int(i) for i in (extra if isinstance(extra, list) else [extra]) if i is not None)
+        return sorted(ids)
+
+    # ---- chat -------------------------------------------------------------------------------------
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+        """Render `messages` ([{"role": ..., "content": ...}, ...]) with the chat template, as transformers does.
+
+        Raises:
+            ValueError: (one line) if the tokenizer has no chat template or the template fails.
+        """
+        if self.chat_template is None:
+            raise ValueError("the tokenizer has no chat template (no chat_template.jinja, chat_template.json "
+                             "or 'chat_template' in tokenizer_config.json)")
+        template = _compile_chat_template(self.chat_template)
+        import jinja2  # present: the template compiled
+
+        # transformers drops keys whose value is None (e.g. OpenAI's content=None) before rendering
+        messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
+        try:
+            return template.render(messages=messages, tools=None, documents=None,
+                                   add_generation_prompt=add_generation_prompt, **self.special_tokens)
+        except jinja2.TemplateError as e:
+            first = (str(e).splitlines() or [type(e).__name__])[0]
+            raise ValueError(f"the chat template failed: {first}") from None
+
+    def chat_ids(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
+        """The rendered chat's token ids, without added special tokens (the template writes its own)."""
+        text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    # ---- files ------------------------------------------------------------------------------------
+    def identity(self) -> str:
+        """"hf:" + a hash of tokenizer.json (which alone sets the encoding)."""
+        return "hf:" + hashlib.sha256(self.files["tokenizer.json"]).hexdigest()[:16]
+
+    def save(self, directory: str | Path) -> None:
+        """Write every file the tokenizer was loaded from, byte for byte."""
+        for name, raw in self.files.items():
+            Path(directory, name).write_bytes(raw)
+
+
+def _token_text(value: Any) -> str | None:
+    """A special token entry of the configs: a string, or an AddedToken dict with "content"."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _decode_text(raw: bytes, path: Path) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"tokenizer file {path} is not UTF-8 text: truncated or corrupt?") from None
+
+
+def _parse_json_object(raw: bytes, path: Path) -> dict[str, Any]:
+    """Parse a tokenizer side file; anything but a JSON object is a one-line error naming it."""
+    try:
+        obj = json.loads(_decode_text(raw, path))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"tokenizer file {path} is not valid JSON ({e.msg}, line {e.lineno}): truncated or "
+                         "corrupt?") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"tokenizer file {path} must hold a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+@functools.lru_cache(maxsize=8)
+def _compile_chat_template(template: str) -> Any:
+    """Compile a chat template in transformers' sandbox: its Jinja settings, filters and globals."""
+    try:
+        import jinja2
+        import jinja2.ext
+        import jinja2.sandbox
+    except ImportError:
+        raise ValueError("chat templates need the `jinja2` package (pip install jinja2)") from None
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        # Jinja's own tojson escapes HTML characters; transformers' (and so the templates') does not
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    def strftime_now(format):
+        return datetime.now().strftime(format)
+
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                       extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = strftime_now
+    try:
+        return env.from_string(template)
+    except jinja2.TemplateSyntaxError as e:
+        raise ValueError(f"the chat template is not valid Jinja ({e.message}, line {e.lineno})") from None
+
+
+Tokenizer = ByteTokenizer | BPETokenizer | HFTokenizer
+
+
+def _is_hf_folder(folder: Path) -> bool:
+    """Whether a folder with tokenizer.json holds any Hugging Face side file (a byte config does not count)."""
+    if any((folder / name).is_file() for name in HF_SIDE_FILES if name != "tokenizer_config.json"):
+        return True
+    path = folder / "tokenizer_config.json"
+    if not path.is_file():
+        return False
+    config = read_json_file(path, "tokenizer file")
+    return not (isinstance(config, dict) and config.get("type") == "byte")
 
 
 def load_tokenizer(directory: str | Path) -> Tokenizer:
-    """The tokenizer saved in `directory`: `tokenizer.json` if present, else byte-level."""
-    path = Path(directory, "tokenizer.json")
-    return BPETokenizer.from_file(path) if path.exists() else ByteTokenizer()
+    """The tokenizer saved in `directory`.
+
+    `tokenizer.json` with any Hugging Face side file (`tokenizer_config.json` that is not the byte
+    tokenizer's, `special_tokens_map.json`, `chat_template.*`, `generation_config.json`) is an
+    `HFTokenizer`; `tokenizer.json` alone a `BPETokenizer`; no `tokenizer.json` byte-level.
+    """
+    folder = Path(directory)
+    if not (folder / "tokenizer.json").exists():
+        return ByteTokenizer()
+    if _is_hf_folder(folder):
+        return HFTokenizer.from_folder(folder)
+    return BPETokenizer.from_file(folder / "tokenizer.json")
 
 
 # ---- corpus ---------------------------------------------------------------------------------------
@@ -322,7 +532,7 @@ def prepare_corpus(source: str | Path | list[tuple[str, str]], tokenizer: Tokeni
 
     Args:
         source: "shakespeare", a text file or folder, or already loaded (name, text) documents.
-        tokenizer: a `ByteTokenizer` or `BPETokenizer`.
+        tokenizer: a `ByteTokenizer`, `BPETokenizer` or `HFTokenizer`.
         cache_dir: cache root (default: `$MIXDEPTH_CACHE` or `~/.cache/mixdepth`).
         val_fraction: the tail of each document that goes to the validation split.
         label: the corpus name in `meta.json` and messages (default: `source`).

@@ -171,6 +171,31 @@ def _host_long(x) -> torch.Tensor:
     return torch.as_tensor(x, dtype=torch.long).cpu()
 
 
+# ---- the routed fraction ------------------------------------------------------------------------
+def is_uncalibrated(model) -> bool:
+    """Whether some routed layer has no calibration table (e.g. a freshly converted model)."""
+    return any(bool(torch.isnan(layer.threshold_table).any()) for layer in model.routed_layers)
+
+
+def fraction_thresholds(model, fraction: float) -> dict[int, torch.Tensor]:
+    """Per routed layer, the causal threshold that routes `fraction` of the tokens, for one call.
+
+    Fractions 0 and 1 need no calibration: +inf lets no token into a routed block and -inf every
+    token (the model's dense function), so a never calibrated model can still generate at either.
+    Other fractions come from the calibration table (`model.causal_thresholds`).
+    """
+    if not 0 <= fraction <= 1:
+        raise ValueError(f"fraction must be in [0, 1], got {fraction}")
+    if fraction in (0, 1):
+        value = float("inf") if fraction == 0 else float("-inf")
+        return {layer.layer_id: torch.full((), value, device=layer.threshold_table.device)
+                for layer in model.routed_layers}
+    if is_uncalibrated(model):
+        raise ValueError("cannot set the routed fraction: the model was never calibrated "
+                         "(run model.calibrate_causal on held-out text and save the checkpoint)")
+    return model.causal_thresholds(fraction)
+
+
 # ---- the generation loop ------------------------------------------------------------------------
 @dataclass
 class GenerationResult:
@@ -310,7 +335,8 @@ def generate(
         stop: stop token ids, or sequences of ids; a row ends when its new tokens end with one.
         fraction: routed fraction of tokens at generation time: causal thresholds from the
             calibration table (`model.causal_thresholds`) for this generation only; the model's
-            calibrated thresholds are never changed.
+            calibrated thresholds are never changed. 0 and 1 need no calibration
+            (`fraction_thresholds`): at 1 every token enters every block (the dense function).
         chunk_size: prompt tokens per prefill forward call (None: all at once).
 
     Returns:
@@ -341,14 +367,7 @@ def generate(
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     stops = _normalize_stop(stop, cfg.vocab_size)
-    thresholds = None
-    if fraction is not None:
-        if not 0 <= fraction <= 1:
-            raise ValueError(f"fraction must be in [0, 1], got {fraction}")
-        if any(torch.isnan(layer.threshold_table).any() for layer in model.routed_layers):
-            raise ValueError("cannot set the routed fraction: the model was never calibrated "
-                             "(run model.calibrate_causal on held-out text and save the checkpoint)")
-        thresholds = model.causal_thresholds(fraction)  # for this generation only
+    thresholds = None if fraction is None else fraction_thresholds(model, fraction)  # for this generation only
     device = model.embed_tokens.weight.device
     if generator is None and temperature > 0:
         generator = torch.Generator(device=device)
@@ -444,13 +463,20 @@ def _loop(model, prompts, stream, max_new_tokens, stops, fraction, thresholds, c
 
 
 # ---- text -----------------------------------------------------------------------------------------
-def encode_prompts(tokenizer, prompts: Sequence[str], vocab_size: int) -> list[list[int]]:
-    """Encode prompts, refusing empty ones and ids the model cannot embed (tokenizer mismatch)."""
+def encode_prompts(tokenizer, prompts: Sequence[str], vocab_size: int, *, chat: bool = False) -> list[list[int]]:
+    """Encode prompts, refusing empty ones and ids the model cannot embed (tokenizer mismatch).
+
+    With `chat`, each prompt is one user message rendered by the tokenizer's chat template
+    (`HFTokenizer.chat_ids`, with the assistant's generation prompt).
+    """
+    if chat and getattr(tokenizer, "chat_template", None) is None:
+        kind = getattr(tokenizer, "kind", type(tokenizer).__name__)
+        raise ValueError(f"chat needs a tokenizer with a chat template, and the {kind} tokenizer has none")
     encoded = []
     for i, text in enumerate(prompts):
         if not text:
             raise ValueError(f"prompt {i} is empty")
-        ids = list(tokenizer.encode(text))
+        ids = list(tokenizer.chat_ids([{"role": "user", "content": text}]) if chat else tokenizer.encode(text))
         if not ids:
             raise ValueError(f"prompt {i} encodes to no tokens")
         bad = [t for t in ids if not 0 <= t < vocab_size]
@@ -482,12 +508,15 @@ def generate_text(
     *,
     stop_strings: str | Sequence[str] | None = None,
     on_text: Callable[[int, str], None] | None = None,
+    chat: bool = False,
     **kwargs,
 ) -> tuple[list[str], GenerationResult]:
     """Generate text continuations of one prompt or a batch; the CLI's entry point.
 
     Stop strings are matched on the decoded text (so they work whatever the tokenization), and the
-    returned text ends before the stop string.
+    returned text ends before the stop string. A tokenizer with `stop_ids` (`HFTokenizer`: its eos
+    ids) adds them to the stop tokens, as Hugging Face's `generate` stops at eos; such a stop token
+    is not part of the returned text.
 
     Args:
         model: a `MoDTransformer` (see `generate`).
@@ -496,6 +525,8 @@ def generate_text(
         stop_strings: a row ends once its new text contains one of these.
         on_text: called as `on_text(row, piece)` with each new piece of text as it becomes final
             (streaming); the pieces of a row concatenate to its returned text.
+        chat: encode each prompt as one user message with the tokenizer's chat template
+            (`encode_prompts`); the reply is generated after the assistant's prompt.
         **kwargs: passed to `generate` (max_new_tokens, temperature, top_k, top_p, seed, stop,
             fraction, chunk_size, ...).
 
@@ -507,8 +538,9 @@ def generate_text(
     stops = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings or [])
     if any(not s for s in stops):
         raise ValueError("a stop string is empty")
-    encoded = encode_prompts(tokenizer, prompts, model.cfg.vocab_size)
-    stream = generate(model, encoded, **kwargs)
+    encoded = encode_prompts(tokenizer, prompts, model.cfg.vocab_size, chat=chat)
+    eos = [int(t) for t in getattr(tokenizer, "stop_ids", ()) if 0 <= int(t) < model.cfg.vocab_size]
+    stream = generate(model, encoded, **{**kwargs, "stop": [*(kwargs.get("stop") or ()), *eos]})
     B = len(encoded)
     new: list[list[int]] = [[] for _ in range(B)]
     texts = [""] * B
@@ -516,7 +548,7 @@ def generate_text(
     done = [False] * B
     for step in stream:
         for b, t in enumerate(step.tolist()):
-            if t == FINISHED or done[b]:
+            if t == FINISHED or done[b] or t in eos:  # an eos ends the row (a stop token) and is not shown
                 continue
             new[b].append(t)
             text = tokenizer.decode(new[b])

@@ -34,7 +34,15 @@ import torch
 
 from . import flops as flops_mod
 from . import runs
-from .checkpoint import checkpoint_name, load_training_state, save_checkpoint
+from .checkpoint import (
+    checkpoint_name,
+    is_routing_parameter,
+    load_checkpoint_tokenizer,
+    load_training_state,
+    load_weights,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from .config import DTYPES, ModelConfig, _check, _Serializable, is_device_name, register_nested
 from .data import DEFAULT_CORPUS, build_tokenizer, load_documents, prepare_corpus
 from .runtime import autocast_ctx, resolve_device, rng_state, seed_everything, set_rng_state
@@ -42,6 +50,7 @@ from .runtime import autocast_ctx, resolve_device, rng_state, seed_everything, s
 log = logging.getLogger("mixdepth")
 
 TRACKERS = ("none", "tensorboard", "wandb")
+TRAINABLE = ("all", "routing")
 
 
 @dataclass(kw_only=True)
@@ -110,6 +119,12 @@ class TrainConfig(_Serializable):
     """At the end, set the causal thresholds on validation tokens so causal mode routes ~capacity."""
     cache_dir: str | None = None
     """Cache of corpora and token files (default: $MIXDEPTH_CACHE or ~/.cache/mixdepth)."""
+    init: str | None = None
+    """Start from this checkpoint's weights (e.g. a converted pretrained model) with a fresh optimizer
+    and schedule; its tokenizer replaces `tokenizer`. The model settings must match its architecture
+    (`mixdepth train --init` takes them from the checkpoint; routing flags may change the routing)."""
+    trainable: str = "all"
+    """What trains: `all`, or `routing` (routers and predictors only; every other weight frozen)."""
     log_to: str = "none"
     """Experiment tracker beside metrics.jsonl: `none`, `tensorboard` (event files in <run>/tensorboard)
     or `wandb` (set WANDB_MODE=offline to keep it on disk)."""
@@ -143,6 +158,9 @@ class TrainConfig(_Serializable):
             _check(isinstance(v, (int, float)) and v > 0, f"train.{name} must be > 0, got {v}")
         _check(is_device_name(self.device), f"train.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         _check(self.log_to in TRACKERS, f"train.log_to must be one of {TRACKERS}, got {self.log_to!r}")
+        _check(self.trainable in TRAINABLE, f"train.trainable must be one of {TRAINABLE}, got {self.trainable!r}")
+        _check(self.trainable == "all" or self.model.routed_layer_ids,
+               "train.trainable routing needs routed layers (routing.router is none)")
         _check(self.dtype in DTYPES, f"train.dtype must be auto, fp32 or bf16, got {self.dtype!r}")
 
     @property
@@ -290,8 +308,12 @@ class Trainer:
             raise ValueError(f"nothing to resume in {out}: no checkpoint there")
 
         docs = load_documents(cfg.data, cfg.cache_dir)
-        self.tokenizer = build_tokenizer(cfg.tokenizer, docs, cfg.bpe_vocab_size, cfg.cache_dir)
-        if cfg.tokenizer == "bpe" and cfg.model.vocab_size != self.tokenizer.vocab_size:
+        init = resolve_checkpoint(cfg.init) if cfg.init else None
+        if init is not None:  # the starting checkpoint's tokenizer: its embeddings are indexed by it
+            self.tokenizer = load_checkpoint_tokenizer(init)
+        else:
+            self.tokenizer = build_tokenizer(cfg.tokenizer, docs, cfg.bpe_vocab_size, cfg.cache_dir)
+        if init is None and cfg.tokenizer == "bpe" and cfg.model.vocab_size != self.tokenizer.vocab_size:
             log.info("model.vocab_size set to the BPE tokenizer's %d", self.tokenizer.vocab_size)
             cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=self.tokenizer.vocab_size))
         self.cfg = cfg
@@ -305,8 +327,15 @@ class Trainer:
         self.total = cfg.total_steps()
         seed_everything(cfg.seed)
         self.sampler = np.random.default_rng(cfg.seed)
-        self.model = MoDTransformer(cfg.model).to(self.device)
+        self.model = MoDTransformer(cfg.model)
+        if init is not None and not cfg.resume:
+            load_weights(self.model, init)
+            log.info("initialised from %s (fresh optimizer state)", init)
+        self.model.to(self.device)
         self.model.train()
+        if cfg.trainable == "routing":
+            for name, p in self.model.named_parameters():
+                p.requires_grad_(is_routing_parameter(name))
         self.train_model = self.wrap(self.model)
         self.optimizer = make_optimizer(self.model, cfg, self.device)
         self.step, self.tokens, self.flops = 0, 0, 0.0

@@ -7,11 +7,12 @@ The generation is `mixdepth.generate.generate_text`; the routing maps are
 from __future__ import annotations
 
 import argparse
+import sys
 
 from ..checkpoint import load_checkpoint_tokenizer, load_model, resolve_checkpoint
 from ..data import read_prompts
 from ..flags import add_device_args
-from ..generate import encode_prompts, format_stats, generate_text
+from ..generate import encode_prompts, format_stats, generate_text, is_uncalibrated
 from ..plots import routing_maps_from_generation
 from ..runtime import resolve_device
 
@@ -29,7 +30,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stop", action="append", default=None, metavar="TEXT",
                         help="stop a row once its text contains TEXT (repeatable; '\\n' means a newline)")
     parser.add_argument("--fraction", type=float, default=None,
-                        help="fraction of tokens routed through each routed block (default: the calibrated one)")
+                        help="fraction of tokens routed through each routed block (default: the calibrated one; "
+                             "1 for a model never calibrated, e.g. freshly converted)")
+    parser.add_argument("--chat", action="store_true",
+                        help="wrap each prompt as a user message in the tokenizer's chat template (a converted "
+                             "model's Hugging Face tokenizer) and stop at its end-of-turn token")
     parser.add_argument("--chunk-size", type=int, default=512, help="prompt tokens per prefill step (default: 512)")
     parser.add_argument("--routing-map", default=None, metavar="OUT.png",
                         help="save the routing map of what was generated (one per prompt), with the decisions "
@@ -48,25 +53,36 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(ckpt, device=device)
     model.eval()
     tokenizer = load_checkpoint_tokenizer(ckpt)
+    if args.chat and getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(f"--chat needs a tokenizer with a chat template; the checkpoint's {tokenizer.kind} "
+                         "tokenizer has none")
+    fraction = args.fraction
+    if fraction is None and model.can_decode_causally and is_uncalibrated(model):
+        # no causal thresholds yet: at fraction 1 every token enters every block, which keeps a
+        # converted model's pretrained (dense) function
+        fraction = 1.0
+        print("note: the routed layers were never calibrated; generating at --fraction 1 (every token enters "
+              "every block)", file=sys.stderr)
     stops = [s.replace("\\n", "\n") for s in args.stop or []]
     single = len(prompts) == 1
+    sep = "\n" if args.chat else ""  # a chat reply is a new turn, not a continuation of the prompt
     if single:
-        print(prompts[0], end="", flush=True)
+        print(prompts[0], end=sep, flush=True)
     texts, res = generate_text(
-        model, tokenizer, prompts, stop_strings=stops,
+        model, tokenizer, prompts, stop_strings=stops, chat=args.chat,
         on_text=(lambda b, piece: print(piece, end="", flush=True)) if single else None,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        seed=args.seed, fraction=args.fraction, chunk_size=args.chunk_size,
+        seed=args.seed, fraction=fraction, chunk_size=args.chunk_size,
     )
     if single:
         print()
     else:
         for b, (p, t) in enumerate(zip(prompts, texts)):
-            print(f"--- prompt {b} ({res.finish_reasons[b]}) ---\n{p}{t}")
+            print(f"--- prompt {b} ({res.finish_reasons[b]}) ---\n{p}{sep}{t}")
     print("---")
     print(format_stats(res))
     if args.routing_map:
-        encoded = encode_prompts(tokenizer, prompts, model.cfg.vocab_size)
+        encoded = encode_prompts(tokenizer, prompts, model.cfg.vocab_size, chat=args.chat)
         for path in routing_maps_from_generation(res, tokenizer, encoded, args.routing_map):
             print(f"routing map: {path}")
     return 0

@@ -7,6 +7,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from ..checkpoint import load_config
 from ..config import RUN_DERIVED, ModelConfig
 from ..files import read_json_file
 from ..flags import (
@@ -25,7 +26,11 @@ BUDGETS = ("max_steps", "max_tokens", "max_flops")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_args(parser, default_preset=None)
-    add_dataclass_args(parser, TrainConfig, "train", skip=("out_dir", "resume", "progress", "device", "dtype"))
+    add_dataclass_args(parser, TrainConfig, "train", skip=("out_dir", "resume", "progress", "device", "dtype", "init"))
+    parser.add_argument("--init", "--train.init", dest="train.init", default=None, metavar="CKPT",
+                        help="start from this checkpoint's weights, tokenizer and architecture (e.g. one made by "
+                             "`mixdepth convert`), with a fresh optimizer; --train.trainable routing trains only "
+                             "routers and predictors")
     add_device_args(parser, prefix="train")
     parser.add_argument("--out", dest="train.out_dir", default=None, metavar="DIR",
                         help=f"run folder (default: {TrainConfig.__dataclass_fields__['out_dir'].default})")
@@ -37,8 +42,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """TrainConfig from flags: defaults < --preset < --config FILE < flags; a resume starts from run.json.
 
     On `--resume`, the run's saved `run.json` is the base, and its model is kept unless a preset,
-    a model or routing section of the file, or a model or routing flag gives one. A budget flag
-    replaces the base's budget (one budget at most).
+    a model or routing section of the file, or a model or routing flag gives one. With
+    `--train.init CKPT` (and no preset or model settings) the model is the checkpoint's, with any
+    routing settings applied. A budget flag replaces the base's budget (one budget at most).
     """
     train = overrides_from_args(args, "train")
     out = train.get("out_dir", TrainConfig.__dataclass_fields__["out_dir"].default)
@@ -54,6 +60,12 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     base.update(file.get("train", {}))
     if args.resume and base and not model_given:
         model = ModelConfig.from_dict(base["model"], prefix="model.")
+    elif train.get("init") and args.preset is None and "model" not in file and not overrides_from_args(args, "model"):
+        # start from a checkpoint: its architecture, with the routing the flags or file give
+        model = load_config(train["init"])
+        routing = {**file.get("routing", {}), **overrides_from_args(args, "routing")}
+        if routing:
+            model = model.with_routing(**routing)
     else:
         if args.preset is None:
             args.preset = "debug"

@@ -11,6 +11,7 @@ G key/value heads, E head width, S cache slots, F MLP hidden width.
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 import torch.nn as nn
@@ -18,15 +19,44 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig
 
-# Decoding multiplies a handful of rows by each weight matrix. For that shape the CPU BLAS behind
-# torch 2.13 picks a slow kernel for x @ W^T, while W @ x^T (the same product, transposed) runs 2-3x
-# faster: measured on 2 cores, 8 layers of d=512 weights, 1 row: 7.1 ms vs 3.6 ms, 2 rows: 9.5 vs
-# 3.2 ms, 8 rows: 9.2-11.6 vs 7.2 ms. A single row is duplicated, since one-row products take a
-# slower matrix-vector path. Inference on CPU only, for weights too big to stay in cache (small
-# ones, such as the predictor's, gain nothing and only pay the extra ops); training and CUDA use
-# F.linear.
+# Decoding multiplies a handful of rows by each weight matrix, and which CPU kernel is fastest for
+# that shape depends on the machine: on one 2-core Xeon, W @ x^T (the same product, transposed) ran
+# 2-3x faster than F.linear's x @ W^T (8 layers of d=512 weights, 1 row: 3.6 vs 7.1 ms); on another
+# it ran 3x slower (d=512, 1 row: 52 vs 15 us). So the choice is measured, once per shape and
+# process, on the first inference call (`_transposed_is_faster`). A single row is duplicated, since
+# one-row products take a slower matrix-vector path. Inference on CPU only, for weights too big to
+# stay in cache (small ones, such as the predictor's, gain nothing); training and CUDA use F.linear.
 _FEW_ROWS = 16
 _BIG_WEIGHT = 1 << 18  # elements: a 512 x 512 projection
+_TRANSPOSED_FASTER: dict[tuple[int, int, int], bool] = {}  # (rows, out, in) -> W @ x^T measured faster
+
+
+def _transposed_mm(x2: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x2 @ W^T computed as (W @ x2^T)^T; (M, in) -> (M, out)."""
+    rows = x2.shape[0]
+    if rows == 1:
+        x2 = x2.repeat(2, 1)
+    return torch.mm(weight, x2.t())[:, :rows].t()
+
+
+def _transposed_is_faster(rows: int, weight: torch.Tensor) -> bool:
+    """Whether W @ x^T beats F.linear by 20% for `rows` rows on this machine (best of 5 timings each)."""
+    key = (rows, *weight.shape)
+    if key not in _TRANSPOSED_FASTER:
+        x = torch.randn(rows, weight.shape[1], dtype=weight.dtype)
+
+        def best(fn) -> float:
+            fn()
+            times = []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+            return min(times)
+
+        plain = best(lambda: F.linear(x, weight))
+        _TRANSPOSED_FASTER[key] = best(lambda: _transposed_mm(x, weight)) < 0.8 * plain
+    return _TRANSPOSED_FASTER[key]
 
 
 class Linear(nn.Linear):
@@ -40,12 +70,9 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
         if (x.device.type != "cpu" or rows > _FEW_ROWS or rows == 0 or self.weight.numel() < _BIG_WEIGHT
-                or torch.is_grad_enabled()):
+                or torch.is_grad_enabled() or not _transposed_is_faster(rows, self.weight)):
             return F.linear(x, self.weight, self.bias)
-        x2 = x.reshape(rows, self.in_features)  # (M, in)
-        if rows == 1:
-            x2 = x2.repeat(2, 1)
-        y = torch.mm(self.weight, x2.t())[:, :rows].t()  # (M, out)
+        y = _transposed_mm(x.reshape(rows, self.in_features), self.weight)  # (M, out)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)

@@ -87,8 +87,12 @@ class MoDBlock(Block):
         self.router = make_router(cfg)
         for name, module in self.router.companions.items():
             self.add_module(name, module)
-        self.register_buffer("causal_threshold", torch.zeros(()))
-        self.register_buffer("threshold_table", torch.full((N_FRACTIONS,), float("nan")))
+        self.reset_calibration()
+
+    def reset_calibration(self, device: str | torch.device | None = None) -> None:
+        """Uncalibrated: threshold 0 and no table (NaN), until `calibrate` sets them."""
+        self.register_buffer("causal_threshold", torch.zeros((), device=device))
+        self.register_buffer("threshold_table", torch.full((N_FRACTIONS,), float("nan"), device=device))
 
     # ---- the causal operating point --------------------------------------------------------------
     def calibrate(self, scores: torch.Tensor, fraction: float) -> float:

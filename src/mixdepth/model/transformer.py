@@ -65,17 +65,41 @@ class MoDTransformer(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        std = self.cfg.init_std
-        out_std = std / math.sqrt(2 * self.cfg.n_layers)
         for name, m in self.named_modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, std=out_std if name.endswith(("o_proj", "down_proj")) else std)
-                if getattr(m, "bias", None) is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, RMSNorm):
-                nn.init.ones_(m.weight)
-            elif hasattr(m, "reset_parameters") and m is not self and not list(m.children()):
-                m.reset_parameters()
+            self._init_module(name, m)
+
+    def _init_module(self, name: str, m: nn.Module) -> None:
+        std = self.cfg.init_std
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            out_std = std / math.sqrt(2 * self.cfg.n_layers)
+            nn.init.normal_(m.weight, std=out_std if name.endswith(("o_proj", "down_proj")) else std)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, RMSNorm):
+            nn.init.ones_(m.weight)
+        elif hasattr(m, "reset_parameters") and m is not self and not list(m.children()):
+            m.reset_parameters()
+
+    def materialize(self, device: str | torch.device = "cpu") -> None:
+        """Finish a model built on the meta device whose pretrained weights were assigned
+        (`load_state_dict(..., assign=True)`): create on `device`, freshly initialised, what the
+        weights did not hold (routers, predictors, calibration buffers), rebuild the RoPE table and
+        re-tie the embeddings. So a converted model holds one copy of its weights, never two.
+        """
+        cfg = self.cfg
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling).to(device)
+        if cfg.tie_embeddings:  # assign=True replaced embed_tokens' parameter object
+            self.lm_head.weight = self.embed_tokens.weight
+        for layer in self.routed_layers:
+            if layer.causal_threshold.is_meta or layer.threshold_table.is_meta:
+                layer.reset_calibration(device)
+            for name, m in layer.named_modules(prefix=f"layers.{layer.layer_id}"):
+                if any(t.is_meta for t in m.parameters(recurse=False)):
+                    m.to_empty(device=device, recurse=False)
+                    self._init_module(name, m)
+        left = [n for n, t in [*self.named_parameters(), *self.named_buffers()] if t.is_meta]
+        if left:
+            raise ValueError(f"weight {left[0]} was not loaded")
 
     @property
     def routed_layers(self) -> list[MoDBlock]:
@@ -177,7 +201,7 @@ class MoDTransformer(nn.Module):
             cache.begin(valid_lengths if valid_lengths is not None else torch.full((B,), T))
         else:
             if T > cfg.max_seq_len:
-                window = f", the source model's sliding window" if cfg.sliding_window else ""
+                window = ", the source model's sliding window" if cfg.sliding_window else ""
                 raise ValueError(f"sequence of {T} tokens exceeds model.max_seq_len ({cfg.max_seq_len}{window})")
             position_ids = torch.arange(T, device=dev)[None]  # (1, T)
 
