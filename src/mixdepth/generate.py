@@ -356,8 +356,9 @@ def generate(
         if not p:
             raise ValueError(f"prompt {i} is empty")
         if len(p) >= ctx:
+            window = " (the source model's sliding window)" if cfg.sliding_window else ""
             raise ValueError(f"prompt {i} has {len(p)} tokens, which leaves no room for new tokens in the model's "
-                             f"context of {ctx}")
+                             f"context of {ctx}{window}")
         bad = [t for t in p if not 0 <= t < cfg.vocab_size]
         if bad:
             raise ValueError(f"prompt {i} has token id {bad[0]}, outside the vocabulary (vocab_size {cfg.vocab_size})")

@@ -370,7 +370,10 @@ def _load_folder(folder: Path, routing, max_seq_len, dtype, seed: int) -> Source
             raise ValueError(f"{folder} is an exported mixdepth model with its own routing ({exported.name}); "
                              "convert it without routing settings")
     else:
-        cfg = config_from_hf(hf_cfg, routing, max_seq_len=max_seq_len)
+        try:
+            cfg = config_from_hf(hf_cfg, routing, max_seq_len=max_seq_len)
+        except ValueError as e:
+            raise ValueError(f"{folder / 'config.json'}: {e}") from None
     tensors = state_dict_from_hf(_read_shards(folder, dtype), cfg)
     if exported.exists():
         from safetensors.torch import load_file
@@ -405,7 +408,12 @@ def load_hf(src: str | Path, routing: RoutingConfig | dict | None = None, *, max
         if src.suffix != ".gguf":
             raise ValueError(f"{src} is a file but not a .gguf file")
         work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="mixdepth-gguf-"))
-        source = _load_gguf(src, routing, max_seq_len, work, seed)
+        try:
+            source = _load_gguf(src, routing, max_seq_len, work, seed)
+        except BaseException:
+            if not workdir:  # ours: a failed read leaves no temporary folder
+                shutil.rmtree(work, ignore_errors=True)
+            raise
         if torch_dtype not in (None, torch.float32):
             source.model.to(torch_dtype)
         return source
@@ -421,7 +429,9 @@ def from_hf(model_or_folder: Any, routing: RoutingConfig | dict | None = None, *
     result computes its source's logits. A transformers model object is copied, not shared.
     """
     if isinstance(model_or_folder, (str, Path)):
-        return load_hf(model_or_folder, routing, max_seq_len=max_seq_len, dtype=dtype, seed=seed).model
+        with tempfile.TemporaryDirectory(prefix="mixdepth-gguf-") as work:  # a GGUF's tokenizer, not kept
+            return load_hf(model_or_folder, routing, max_seq_len=max_seq_len, dtype=dtype, seed=seed,
+                           workdir=work).model
     hf_cfg = getattr(model_or_folder, "config", None)
     if hf_cfg is None or not hasattr(model_or_folder, "state_dict"):
         raise ValueError("from_hf takes a transformers model, a folder or a .gguf path")
@@ -466,12 +476,27 @@ def _write_hf_folder(model, folder: Path, tokenizer_dir: Path | None) -> None:
     _copy_tokenizer(tokenizer_dir, folder)
 
 
-def _fresh_out(out: str | Path) -> Path:
+def _fresh_out(out: str | Path) -> tuple[Path, list[Path]]:
+    """`out` checked to be new or empty, and the parent folders created for it (nearest first),
+    which `_remove_new_parents` takes away again if the command fails."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"--out {out} exists and is not empty; choose a new folder")
+    created = []
+    for parent in out.parents:
+        if parent.exists():
+            break
+        created.append(parent)
     out.parent.mkdir(parents=True, exist_ok=True)
-    return out
+    return out, created
+
+
+def _remove_new_parents(created: list[Path]) -> None:
+    for parent in created:  # nearest first; a folder something else was written to stays
+        try:
+            parent.rmdir()
+        except OSError:
+            break
 
 
 def _publish(tmp: Path, out: Path) -> None:
@@ -494,13 +519,14 @@ def to_hf(model, folder: str | Path, tokenizer_dir: str | Path | None = None) ->
     `mixdepth_routing.safetensors` and the full config to `mixdepth.json`, beside it. Tokenizer
     files found in `tokenizer_dir` are copied. Written to a temporary folder, renamed at the end.
     """
-    out = _fresh_out(folder)
+    out, created = _fresh_out(folder)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp"))
     try:
         _write_hf_folder(model, tmp, Path(tokenizer_dir) if tokenizer_dir else None)
         _publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_new_parents(created)
         raise
     return out
 
@@ -534,7 +560,7 @@ def convert(src: str | Path, out: str | Path, routing: RoutingConfig | dict | No
     from .checkpoint import save_checkpoint
     from .data import HFTokenizer
 
-    out = _fresh_out(out)
+    out, created = _fresh_out(out)
     t0 = time.perf_counter()
     work = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.work"))
     try:
@@ -547,8 +573,11 @@ def convert(src: str | Path, out: str | Path, routing: RoutingConfig | dict | No
         save_checkpoint(tmp, source.model, tokenizer=tokenizer)
         seconds = time.perf_counter() - t0
         _publish_checkpoint(tmp, out)
-    finally:
+    except BaseException:
         shutil.rmtree(work, ignore_errors=True)
+        _remove_new_parents(created)
+        raise
+    shutil.rmtree(work, ignore_errors=True)
     model = source.model
     return ConvertReport(out=out, cfg=model.cfg, kind=source.kind, seconds=seconds, peak_rss=peak_rss_bytes(),
                          params=model.num_params())
