@@ -617,11 +617,12 @@ def load_reference(src: str | Path):
 
 
 @torch.no_grad()
-def verify(model, reference, prompt_ids: list[int], new_tokens: int = 32) -> dict[str, Any]:
+def verify(model, reference, prompt_ids: list[int], new_tokens: int = 32, repeats: int = 3) -> dict[str, Any]:
     """Compare a converted model (dense mode) with its transformers source in one process.
 
     Returns the largest absolute logit difference over the prompt, whether greedy generation of
-    `new_tokens` gives the same tokens, and the decode speed of each (tokens/s, after a warm-up run).
+    `new_tokens` gives the same tokens, and the generation speed of each (tokens/s including the
+    prompt's prefill, the median of `repeats` timed runs after a warm-up, the two alternated).
     """
     from .generate import generate
 
@@ -640,13 +641,15 @@ def verify(model, reference, prompt_ids: list[int], new_tokens: int = 32) -> dic
                                  min_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
         return out[0, n:].tolist()
 
-    timings = {}
-    tokens = {}
-    for name, fn in (("mixdepth", ours), ("transformers", theirs)):
-        fn()  # warm-up
-        t0 = time.perf_counter()
-        tokens[name] = fn()
-        timings[name] = len(tokens[name]) / (time.perf_counter() - t0)
+    runs = {"mixdepth": ours, "transformers": theirs}
+    tokens = {name: fn() for name, fn in runs.items()}  # also the warm-up
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):  # alternated, so a slow spell of the machine hits both
+        for name, fn in runs.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    rate = {name: new_tokens / sorted(ts)[len(ts) // 2] for name, ts in times.items()}  # median run
     return {"max_logit_diff": diff, "same_greedy_tokens": tokens["mixdepth"] == tokens["transformers"],
-            "tokens_per_s": timings, "speed_ratio": timings["mixdepth"] / timings["transformers"],
-            "new_tokens": new_tokens}
+            "tokens_per_s": rate, "speed_ratio": rate["mixdepth"] / rate["transformers"],
+            "new_tokens": new_tokens, "repeats": repeats}

@@ -48,8 +48,8 @@ def run(args: argparse.Namespace) -> int:
         t = res["tokens_per_s"]
         print(f"verify: largest |logit difference| {res['max_logit_diff']:.3g} over {len(ids)} prompt tokens; "
               f"greedy {res['new_tokens']} tokens {'identical' if res['same_greedy_tokens'] else 'DIFFER'}; "
-              f"decode {t['mixdepth']:.1f} tok/s (dense mode) vs transformers {t['transformers']:.1f} tok/s "
-              f"({res['speed_ratio']:.2f}x)")
+              f"generation {t['mixdepth']:.1f} tok/s (dense mode) vs transformers {t['transformers']:.1f} tok/s "
+              f"({res['speed_ratio']:.2f}x, median of {res['repeats']} runs)")
         if not res["same_greedy_tokens"]:
             return 1
     return 0
