@@ -145,7 +145,7 @@ def test_config_file_with_an_unknown_section_is_refused(tmp_path, capsys, comman
     assert _exit_code([*command, "--config", str(bad), "--preset", "debug"]) == 2
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
-    assert len(lines) == 1 and "'rounting'" in lines[0] and "known: model, routing, train" in lines[0], lines
+    assert len(lines) == 1 and "'rounting'" in lines[0] and "known: model, routing, moe, train" in lines[0], lines
     assert captured.out == ""
 
 

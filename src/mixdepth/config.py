@@ -155,6 +155,67 @@ class RoutingConfig(_Serializable):
 
 
 @dataclass(kw_only=True)
+class MoEConfig(_Serializable):
+    """Mixture-of-Experts MLPs, and the no-op expert of integrated MoDE (paper section 3.6).
+
+    Variants: MoE (`n_experts` > 0, `routing.router none`); staged MoDE (MoE plus a MoD router:
+    the router picks the tokens that enter the block, then the MoE router their experts);
+    integrated MoDE (`noop`: one router over the experts and a no-op expert, attention for every
+    token, `routing.router none`).
+    """
+
+    n_experts: int = 0
+    """SwiGLU experts per MoE layer; 0 means a dense MLP (no MoE)."""
+    top_k: int = 1
+    """Experts per token (token choice), 1 or 2; the no-op expert counts as one."""
+    ffn_dim: int = 0
+    """Hidden width of one expert; 0 means model.ffn_dim (so top_k=1 has the dense MLP's active size)."""
+    every: int = 1
+    """MoE MLP on every n-th layer, starting with layer n-1 (1: every layer); the others stay dense."""
+    capacity_factor: float = 1.25
+    """Training: an expert takes at most ceil(factor * tokens * top_k / experts) tokens of a batch (times the
+    non-no-op share for integrated MoDE); overflowing tokens keep their residual. Inference is dropless."""
+    dropless: bool = False
+    """Never drop tokens in training either (every expert takes all its tokens)."""
+    balance_loss_weight: float = 0.01
+    """Weight of the Switch balancing loss (minimal, 1.0, at the target shares)."""
+    bias_update_rate: float = 0.0
+    """> 0: aux-loss-free balancing (DeepSeek-V3): a per-expert bias added to the scores for selection
+    only, moved by this much against each expert's excess load after every training forward."""
+    noop: bool = False
+    """Integrated MoDE: add a no-op expert (output zero: the token keeps its residual, no MLP compute)."""
+    noop_fraction: float = 0.5
+    """Integrated MoDE: the target share of token choices that go to the no-op expert."""
+    impl: str = "auto"
+    """Expert compute: `grouped` (`F.grouped_mm`, one call per projection), `loop` (one matmul per
+    expert, the reference) or `auto` (grouped where its kernel runs: CPU fp32 with 16-byte-aligned widths)."""
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.n_experts, int) and self.n_experts >= 0,
+               f"moe.n_experts must be an integer >= 0, got {self.n_experts}")
+        _check(self.top_k in (1, 2), f"moe.top_k must be 1 or 2, got {self.top_k}")
+        choices = self.n_experts + bool(self.noop)
+        _check(not self.n_experts or self.top_k <= choices,
+               f"moe.top_k ({self.top_k}) exceeds the experts to choose from ({choices})")
+        for name in ("ffn_dim",):
+            v = getattr(self, name)
+            _check(isinstance(v, int) and v >= 0, f"moe.{name} must be an integer >= 0, got {v}")
+        _check(isinstance(self.every, int) and self.every >= 1, f"moe.every must be an integer >= 1, got {self.every}")
+        _check(isinstance(self.capacity_factor, (int, float)) and self.capacity_factor > 0,
+               f"moe.capacity_factor must be > 0, got {self.capacity_factor}")
+        for name in ("balance_loss_weight", "bias_update_rate"):
+            v = getattr(self, name)
+            _check(isinstance(v, (int, float)) and v >= 0, f"moe.{name} must be >= 0, got {v}")
+        _check(isinstance(self.noop_fraction, (int, float)) and 0 <= self.noop_fraction < 1,
+               f"moe.noop_fraction must be in [0, 1), got {self.noop_fraction}")
+        _check(not self.noop or self.n_experts >= 1, "moe.noop needs moe.n_experts >= 1")
+        _check(self.impl in ("auto", "grouped", "loop"), f"moe.impl must be auto, grouped or loop, got {self.impl!r}")
+
+    def is_moe(self, layer: int) -> bool:
+        return self.n_experts > 0 and layer % self.every == self.every - 1
+
+
+@dataclass(kw_only=True)
 class ModelConfig(_Serializable):
     """A decoder-only Llama-style transformer with Mixture-of-Depths routing."""
 
@@ -202,10 +263,14 @@ class ModelConfig(_Serializable):
     """Standard deviation of the weight initialisation (output projections are scaled by depth)."""
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     """Mixture-of-Depths routing settings."""
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    """Mixture-of-Experts MLPs (MoE, staged and integrated MoDE)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.routing, dict):
             self.routing = RoutingConfig.from_dict(self.routing, prefix="routing.")
+        if isinstance(self.moe, dict):
+            self.moe = MoEConfig.from_dict(self.moe, prefix="moe.")
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len"):
             v = getattr(self, name)
             _check(isinstance(v, int) and v >= 1, f"model.{name} must be an integer >= 1, got {v}")
@@ -247,6 +312,8 @@ class ModelConfig(_Serializable):
         _check(not self.sliding_window or self.max_seq_len <= self.sliding_window,
                f"model.max_seq_len ({self.max_seq_len}) exceeds model.sliding_window ({self.sliding_window}): "
                "attention spans the whole prefix here, so longer sequences would not match the source model")
+        _check(not self.moe.noop or self.routing.router == "none",
+               "moe.noop (integrated MoDE) replaces the MoD router around the block: set routing.router none")
         if self.routing.routed_layers is not None:
             bad = [i for i in self.routing.routed_layers if i >= self.n_layers]
             _check(not bad, f"routing.routed_layers has index {bad[:1]} >= model.n_layers ({self.n_layers})")
@@ -263,8 +330,10 @@ class ModelConfig(_Serializable):
         d = {k: v for k, v in PRESETS[name].items()}
         routing = dict(d.pop("routing", {}))
         routing.update(overrides.pop("routing", {}) or {})
+        moe = dict(d.pop("moe", {}))
+        moe.update(overrides.pop("moe", {}) or {})
         d.update(overrides)
-        return cls(**d, routing=RoutingConfig(**routing))
+        return cls(**d, routing=RoutingConfig(**routing), moe=MoEConfig(**moe))
 
     def with_routing(self, **changes: Any) -> ModelConfig:
         """A copy with routing fields changed (e.g. `router="none"` for the dense twin)."""
@@ -283,7 +352,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 # (class name, field name) -> nested dataclass, for from_dict
-_NESTED: dict[tuple[str, str], Any] = {("ModelConfig", "routing"): RoutingConfig}
+_NESTED: dict[tuple[str, str], Any] = {("ModelConfig", "routing"): RoutingConfig, ("ModelConfig", "moe"): MoEConfig}
 
 
 def register_nested(owner: str, name: str, cls: Any) -> None:

@@ -20,12 +20,12 @@ import types
 import typing
 from typing import Any
 
-from .config import DTYPES, PRESETS, RUN_DERIVED, ModelConfig, RoutingConfig, is_device_name
+from .config import DTYPES, PRESETS, RUN_DERIVED, ModelConfig, MoEConfig, RoutingConfig, is_device_name
 from .files import read_json_file
 
 # top-level sections of a --config file; `train` is read by `mixdepth train` and ignored by the
 # commands that take no training settings, so one file serves every command
-CONFIG_SECTIONS = ("model", "routing", "train")
+CONFIG_SECTIONS = ("model", "routing", "moe", "train")
 
 
 class CLIError(ValueError):
@@ -160,14 +160,15 @@ def overrides_from_args(args: argparse.Namespace, prefix: str) -> dict[str, Any]
 
 
 def add_model_args(parser: argparse.ArgumentParser, default_preset: str | None = "debug") -> None:
-    """`--preset`, `--config FILE.json` and the generated `--model.*` and `--routing.*` flags."""
+    """`--preset`, `--config FILE.json` and the generated `--model.*`, `--routing.*` and `--moe.*` flags."""
     parser.add_argument("--preset", default=default_preset, choices=sorted(PRESETS),
                         help=f"named model size (default: {default_preset})")
     parser.add_argument("--config", default=None, metavar="FILE.json",
-                        help="JSON file of settings ({'model': {...}, 'routing': {...}, 'train': {...}}), "
+                        help="JSON file of settings ({'model': {...}, 'routing': {...}, 'moe': {...}, 'train': {...}}), "
                              "over the preset")
     add_dataclass_args(parser, ModelConfig, "model")
     add_dataclass_args(parser, RoutingConfig, "routing")
+    add_dataclass_args(parser, MoEConfig, "moe")
 
 
 def load_config_file(args: argparse.Namespace) -> dict[str, Any]:
@@ -195,15 +196,20 @@ def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
     """defaults < --preset < --config file < --model.* / --routing.* flags."""
     base: dict[str, Any] = dict(PRESETS[args.preset]) if args.preset else {}
     routing: dict[str, Any] = dict(base.pop("routing", {}))
+    moe: dict[str, Any] = dict(base.pop("moe", {}))
     file = load_config_file(args)
     fm = dict(file.get("model", {}))
     routing.update(fm.pop("routing", {}))
     routing.update(file.get("routing", {}))
+    moe.update(fm.pop("moe", {}))
+    moe.update(file.get("moe", {}))
     base.update(fm)
     base.update(overrides_from_args(args, "model"))
     routing.update(overrides_from_args(args, "routing"))
+    moe.update(overrides_from_args(args, "moe"))
     unknown = set(base) - {f.name for f in dataclasses.fields(ModelConfig)}
     if unknown:
         raise CLIError(f"unknown model setting {sorted(unknown)[0]!r}")
     base["routing"] = RoutingConfig.from_dict({**RoutingConfig().to_dict(), **routing}, prefix="routing.")
+    base["moe"] = MoEConfig.from_dict({**MoEConfig().to_dict(), **moe}, prefix="moe.")
     return ModelConfig(**base)

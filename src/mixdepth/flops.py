@@ -13,6 +13,11 @@ Conventions (checked against `torch.utils.flop_counter.FlopCounterMode` in the t
   predictor's first layer, which is never computed (its input is detached).
 - Decoding counts the expected cost per token at a context length, with a routed layer's block
   run for a fraction f (default: the capacity) of tokens and attending over f of the context.
+- A MoE MLP counts its router (D x E') on every token that reaches the MLP, and `top_k` experts
+  per token, times the non-no-op share (1 - `noop_fraction`) for integrated MoDE: the expected
+  work. Capacity drops in training can only lower it; grouped_mm is not seen by `FlopCounterMode`,
+  so the tests count the loop implementation. Parameters are counted in total and active (the
+  expert weights one token uses).
 """
 
 from __future__ import annotations
@@ -24,11 +29,35 @@ from .config import ModelConfig
 from .model.routers import router_class
 
 
-def _block_matmul_params(cfg: ModelConfig) -> int:
-    """Weights of one block's matmuls (q, k, v, o projections and the three MLP matrices)."""
+def _attn_matmul_params(cfg: ModelConfig) -> int:
+    """Weights of the q, k, v and o projections."""
     q = cfg.n_heads * cfg.head_dim
     kv = cfg.n_kv_heads * cfg.head_dim
-    return cfg.dim * q + 2 * cfg.dim * kv + q * cfg.dim + 3 * cfg.dim * cfg.ffn_dim
+    return cfg.dim * q + 2 * cfg.dim * kv + q * cfg.dim
+
+
+def _expert_width(cfg: ModelConfig) -> int:
+    return cfg.moe.ffn_dim or cfg.ffn_dim
+
+
+def _experts_per_token(cfg: ModelConfig) -> float:
+    """Expected experts (not the no-op) one token runs: top_k, times the non-no-op share."""
+    m = cfg.moe
+    return m.top_k * ((1 - m.noop_fraction) if m.noop else 1.0)
+
+
+def _mlp_matmul_params(cfg: ModelConfig, layer: int, active: bool = True) -> float:
+    """Weights of a layer's MLP matmuls one token uses (`active`) or that exist (incl. the MoE router)."""
+    if not cfg.moe.is_moe(layer):
+        return 3 * cfg.dim * cfg.ffn_dim
+    m = cfg.moe
+    experts = _experts_per_token(cfg) if active else m.n_experts
+    return experts * 3 * cfg.dim * _expert_width(cfg) + cfg.dim * (m.n_experts + int(m.noop))
+
+
+def _block_matmul_params(cfg: ModelConfig, layer: int = 0) -> float:
+    """Weights of one block's matmuls a token uses: q, k, v, o and the MLP (its active experts)."""
+    return _attn_matmul_params(cfg) + _mlp_matmul_params(cfg, layer)
 
 
 
@@ -38,15 +67,17 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
     q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
     biases = (q + 2 * kv) * cfg.qkv_bias + cfg.dim * cfg.o_bias + (2 * cfg.ffn_dim + cfg.dim) * cfg.mlp_bias
     # + two RMSNorm weights (and the per-head q/k norms of Qwen3)
-    block = _block_matmul_params(cfg) + biases + 2 * cfg.dim + 2 * cfg.head_dim * cfg.qk_norm
+    block = _attn_matmul_params(cfg) + biases + 2 * cfg.dim + 2 * cfg.head_dim * cfg.qk_norm
+    blocks = sum(block + int(_mlp_matmul_params(cfg, i, active=False)) for i in range(cfg.n_layers))
+    idle = sum(_mlp_matmul_params(cfg, i, active=False) - _mlp_matmul_params(cfg, i) for i in range(cfg.n_layers))
     n_routed = len(cfg.routed_layer_ids)
     parts = router_class(cfg).param_counts(cfg)  # the router's own parts, by name
     embedding = cfg.vocab_size * cfg.dim
     head = 0 if cfg.tie_embeddings else embedding
     routing = {name: n_routed * n for name, n in parts.items()}
-    total = embedding + head + cfg.n_layers * block + cfg.dim + sum(routing.values())
-    return {"total": total, "embedding": embedding, "lm_head": head, "blocks": cfg.n_layers * block, **routing,
-            "non_embedding": total - embedding}
+    total = embedding + head + blocks + cfg.dim + sum(routing.values())
+    return {"total": total, "embedding": embedding, "lm_head": head, "blocks": blocks, **routing,
+            "non_embedding": total - embedding, "active": total - idle}
 
 
 def _attn_flops(cfg: ModelConfig, t: float, s: float) -> float:
@@ -62,13 +93,12 @@ def forward_flops(cfg: ModelConfig, seq_len: int, batch_size: int = 1, *, mode: 
     mode the expected `routed_fraction` (default: the capacity) of them.
     """
     T = seq_len
-    pm = _block_matmul_params(cfg)
-    dense_layer = 2 * T * pm + _attn_flops(cfg, T, T)
     routed = set(cfg.routed_layer_ids)
     total = 0.0
     for i in range(cfg.n_layers):
+        pm = _block_matmul_params(cfg, i)
         if i not in routed:
-            total += dense_layer
+            total += 2 * T * pm + _attn_flops(cfg, T, T)
             continue
         if mode == "dense":
             k = T
@@ -91,11 +121,11 @@ def train_step_flops(cfg: ModelConfig, seq_len: int, batch_size: int = 1) -> flo
 def decode_flops_per_token(cfg: ModelConfig, context_len: int, routed_fraction: float | None = None) -> float:
     """Expected FLOPs to generate one token with `context_len` tokens already cached."""
     f = cfg.routing.capacity if routed_fraction is None else routed_fraction
-    pm = _block_matmul_params(cfg)
     routed = set(cfg.routed_layer_ids)
     router = router_class(cfg).flops_per_token(cfg, "causal")
     total = 2 * cfg.dim * cfg.vocab_size
     for i in range(cfg.n_layers):
+        pm = _block_matmul_params(cfg, i)
         if i in routed:
             total += router + f * (2 * pm + _attn_flops(cfg, 1, f * context_len + 1))
         else:
@@ -112,8 +142,13 @@ def kv_bytes_per_token(cfg: ModelConfig, dtype_bytes: int = 4, routed_fraction: 
 
 
 def dense_twin(cfg: ModelConfig) -> ModelConfig:
-    """The dense baseline at the same dimensions (no routers)."""
-    return dataclasses.replace(cfg, routing=dataclasses.replace(cfg.routing, router="none"))
+    """The dense baseline at the same dimensions (no routers); for MoE, of the same active size: a
+    dense MLP as wide as the `top_k` experts a token runs when it does not take the no-op."""
+    twin = dataclasses.replace(cfg, routing=dataclasses.replace(cfg.routing, router="none"))
+    if cfg.moe.n_experts:
+        twin = dataclasses.replace(twin, ffn_dim=_expert_width(cfg) * cfg.moe.top_k,
+                                   moe=dataclasses.replace(cfg.moe, n_experts=0, noop=False))
+    return twin
 
 
 def ideal_speedup(cfg: ModelConfig, seq_len: int, kind: str = "train", context_len: int = 0) -> float:
@@ -128,6 +163,16 @@ def ideal_speedup(cfg: ModelConfig, seq_len: int, kind: str = "train", context_l
     raise ValueError(f"kind must be train, prefill or decode, got {kind!r}")
 
 
+def variant_name(cfg: ModelConfig) -> str:
+    """`mod`, `moe`, `staged-mode`, `integrated-mode`, a router's name, or `dense`."""
+    router, moe = cfg.routing.router, cfg.moe
+    if moe.n_experts:
+        if moe.noop:
+            return "integrated-mode"
+        return "moe" if router == "none" else ("staged-mode" if router == "expert_choice" else f"moe+{router}")
+    return "dense" if router == "none" else router
+
+
 def steps_for_budget(cfg: ModelConfig, flop_budget: float, seq_len: int, batch_size: int) -> int:
     """Training steps of `batch_size` x `seq_len` tokens that fit in `flop_budget` FLOPs (isoFLOP)."""
     if flop_budget <= 0:
@@ -139,11 +184,12 @@ def flops_table(cfg: ModelConfig, seq_len: int, batch_size: int = 1, context_len
     """Rows comparing `cfg` with its dense twin, for `mixdepth flops`."""
     context_len = seq_len if context_len is None else context_len
     rows = []
-    for name, c in (("dense", dense_twin(cfg)), (cfg.routing.router, cfg)):
+    for name, c in (("dense", dense_twin(cfg)), (variant_name(cfg), cfg)):
         p = param_counts(c)
         rows.append({
             "model": name,
             "params": p["total"],
+            "active_params": p["active"],
             "fwd_flops_per_seq": forward_flops(c, seq_len),
             "train_flops_per_step": train_step_flops(c, seq_len, batch_size),
             "decode_flops_per_token": decode_flops_per_token(c, context_len),

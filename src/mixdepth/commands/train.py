@@ -50,8 +50,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     out = train.get("out_dir", TrainConfig.__dataclass_fields__["out_dir"].default)
     file = load_config_file(args)
     # a --config file with only training settings keeps the resumed run's model
-    model_given = (args.preset is not None or "model" in file or "routing" in file
-                   or overrides_from_args(args, "model") or overrides_from_args(args, "routing"))
+    model_given = (args.preset is not None or "model" in file or "routing" in file or "moe" in file
+                   or overrides_from_args(args, "model") or overrides_from_args(args, "routing")
+                   or overrides_from_args(args, "moe"))
     base: dict[str, Any] = {}
     if args.resume and (Path(out) / "run.json").exists():
         base = read_json_file(Path(out) / "run.json")

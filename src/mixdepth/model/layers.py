@@ -233,7 +233,12 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.mlp = MLP(cfg)
+        if cfg.moe.is_moe(layer_id):
+            from .moe import MoE  # moe imports this module
+
+            self.mlp = MoE(cfg)
+        else:
+            self.mlp = MLP(cfg)
 
     def delta(self, x: torch.Tensor, cos, sin, cache=None) -> torch.Tensor:
         """f(x): what the block adds to the residual stream, (B, T, D) -> (B, T, D)."""

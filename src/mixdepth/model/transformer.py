@@ -20,6 +20,7 @@ from ..config import MODES, ModelConfig
 from ..kvcache import KVCache
 from .layers import Block, Linear, RMSNorm, RotaryEmbedding
 from .mod import MoDBlock
+from .moe import MoE
 
 
 @dataclass
@@ -62,6 +63,9 @@ class MoDTransformer(nn.Module):
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
         # weight of each named auxiliary loss, as the routers declare them (fixed at construction)
         self.loss_weights = {name: w for layer in self.routed_layers for name, w in layer.router.loss_weights.items()}
+        self.moe_layers = [layer.mlp for layer in self.layers if isinstance(layer.mlp, MoE)]
+        if self.moe_layers:
+            self.loss_weights["expert_balance_loss"] = cfg.moe.balance_loss_weight
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -70,7 +74,9 @@ class MoDTransformer(nn.Module):
 
     def _init_module(self, name: str, m: nn.Module) -> None:
         std = self.cfg.init_std
-        if isinstance(m, (nn.Linear, nn.Embedding)):
+        if isinstance(m, MoE):  # its expert weights live in a ParameterDict
+            m.reset_parameters()
+        elif isinstance(m, (nn.Linear, nn.Embedding)):
             out_std = std / math.sqrt(2 * self.cfg.n_layers)
             nn.init.normal_(m.weight, std=out_std if name.endswith(("o_proj", "down_proj")) else std)
             if getattr(m, "bias", None) is not None:
@@ -206,6 +212,8 @@ class MoDTransformer(nn.Module):
             position_ids = torch.arange(T, device=dev)[None]  # (1, T)
 
         x = self.embed_tokens(input_ids)  # (B, T, D)
+        for moe in self.moe_layers:  # a staged-MoDE block that no token entered leaves none
+            moe.losses = {}
         infos: list[tuple[int, dict]] = []
         for layer in self.layers:
             if layer.routed:
@@ -238,8 +246,8 @@ class MoDTransformer(nn.Module):
             return [info[key] for _, info in infos if key in info]
 
         terms: dict[str, list[torch.Tensor]] = {}
-        for _, info in infos:
-            for name, value in info["losses"].items():
+        for losses in [info["losses"] for _, info in infos] + [moe.losses for moe in self.moe_layers]:
+            for name, value in losses.items():
                 terms.setdefault(name, []).append(value)
         out.losses = {name: torch.stack(vs).mean() for name, vs in terms.items()}
         out.loss_weights = {name: self.loss_weights[name] for name in out.losses}
