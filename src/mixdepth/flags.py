@@ -164,8 +164,8 @@ def add_model_args(parser: argparse.ArgumentParser, default_preset: str | None =
     parser.add_argument("--preset", default=default_preset, choices=sorted(PRESETS),
                         help=f"named model size (default: {default_preset})")
     parser.add_argument("--config", default=None, metavar="FILE.json",
-                        help="JSON file of settings ({'model': {...}, 'routing': {...}, 'moe': {...}, 'train': {...}}), "
-                             "over the preset")
+                        help="JSON file of settings ({'model': {...}, 'routing': {...}, 'moe': {...}, "
+                             "'train': {...}}), over the preset")
     add_dataclass_args(parser, ModelConfig, "model")
     add_dataclass_args(parser, RoutingConfig, "routing")
     add_dataclass_args(parser, MoEConfig, "moe")
