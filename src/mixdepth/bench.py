@@ -12,6 +12,9 @@ Cases:
   routing with the threshold calibrated so that `capacity` of the tokens route.
 - `memory`: bytes of activations saved for the backward pass of one training step, and bytes of
   KV cache in use after a decode run (device independent: counted, not sampled).
+- `moe`: `train` and `decode-bN` for MoE, staged MoDE and integrated MoDE, each against the dense
+  model of the same active size; integrated MoDE's no-op share is fixed at `noop_fraction` on the
+  decode stream, as MoD's causal thresholds are.
 
 Weights are random: speed does not depend on their values, only on how many tokens route, which
 the calibration fixes (the measured fraction is part of each decode record).
@@ -19,6 +22,7 @@ the calibration fixes (the measured fraction is part of each decode record).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import statistics
 import time
@@ -169,6 +173,8 @@ def bench_decode(cfg: ModelConfig, batch_size: int, context: int, new_tokens: in
     # capacity is what is measured. The fraction actually routed while decoding is reported.
     stream = torch.randint(0, cfg.vocab_size, (batch_size, context + new_tokens), generator=g).to(device)
     mod.calibrate_causal(stream, cfg.routing.capacity)
+    if cfg.moe.noop:  # integrated MoDE: the no-op share fixed the same way
+        mod.calibrate_noop(stream)
     prompt = stream[:, :context]
     S = context + new_tokens
     caches = {name: m.make_cache(batch_size, S, dtype=dtype, device=device) for name, m in (("dense", dense),
@@ -204,7 +210,7 @@ def bench_decode(cfg: ModelConfig, batch_size: int, context: int, new_tokens: in
     # fraction routed among the decoded tokens only (the prefill is not timed)
     routed_ids = set(cfg.routed_layer_ids)
     prefill_routed = sum(int(st.sum()) for i, st in enumerate(states["mod"][:-1]) if i in routed_ids)
-    frac_decode = (routed - prefill_routed) / (n_routed * decoded)
+    frac_decode = (routed - prefill_routed) / (n_routed * decoded) if n_routed else 1.0
     ctx = context + new_tokens // 2
     ideal = flops.decode_flops_per_token(flops.dense_twin(cfg), ctx) / \
         flops.decode_flops_per_token(cfg, ctx, routed_fraction=frac_decode)
@@ -213,6 +219,36 @@ def bench_decode(cfg: ModelConfig, batch_size: int, context: int, new_tokens: in
         routed_frac_decode=frac_decode,
         settings=_settings(cfg, batch_size=batch_size, context=context, new_tokens=new_tokens, dtype=str(dtype)),
     )
+
+
+def moe_variants(cfg: ModelConfig, n_experts: int = 0) -> dict[str, ModelConfig]:
+    """MoE, staged MoDE and integrated MoDE built on `cfg` (its dimensions, MoD routing and MoE
+    settings; `n_experts` default 8 where `cfg` has none)."""
+    moe = dataclasses.replace(cfg.moe, n_experts=n_experts or cfg.moe.n_experts or 8, noop=False)
+    none = dataclasses.replace(cfg.routing, router="none")
+    mod_routing = cfg.routing if cfg.routing.router != "none" else dataclasses.replace(cfg.routing,
+                                                                                       router="expert_choice")
+    return {
+        "moe": dataclasses.replace(cfg, routing=none, moe=moe),
+        "staged-mode": dataclasses.replace(cfg, routing=mod_routing, moe=moe),
+        "integrated-mode": dataclasses.replace(cfg, routing=none, moe=dataclasses.replace(moe, noop=True, top_k=1)),
+    }
+
+
+def bench_moe(cfg: ModelConfig, batch_size: int, seq_len: int, decode_batches: list[int], context: int,
+              new_tokens: int, *, device, dtype, iters=3, rounds=3, n_experts: int = 0) -> list[dict]:
+    """Training step and decode speed of MoE, staged and integrated MoDE against the dense model of
+    the same active size (`flops.dense_twin`); cases `train-<variant>` and `decode-bN-<variant>`."""
+    records = []
+    for name, c in moe_variants(cfg, n_experts).items():
+        recs = [bench_train(c, batch_size, seq_len, device=device, dtype=dtype, iters=iters)]
+        recs += [bench_decode(c, b, context, new_tokens, device=device, dtype=dtype, rounds=rounds)
+                 for b in decode_batches]
+        for r in recs:
+            r["case"] = f"{r['case']}-{name}"
+            r["settings"]["moe"] = c.moe.to_dict()
+        records += recs
+    return records
 
 
 def bench_memory(cfg: ModelConfig, batch_size: int, seq_len: int, *, device, dtype) -> dict:

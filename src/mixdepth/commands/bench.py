@@ -16,8 +16,9 @@ from ..runtime import resolve_device, steady_allocator, torch_dtype
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("what", nargs="?", default="all",
-                        choices=["train", "prefill", "decode", "memory", "sweep", "all"],
-                        help="which benchmark to run (default: all = train, prefill, decode, memory)")
+                        choices=["train", "prefill", "decode", "memory", "sweep", "moe", "all"],
+                        help="which benchmark to run (default: all = train, prefill, decode, memory; moe = train "
+                             "and decode of MoE, staged and integrated MoDE vs dense of the same active size)")
     add_model_args(parser, default_preset="bench")
     parser.add_argument("--batch-size", type=int, default=4, help="sequences per step for train/prefill/memory")
     parser.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence for train/prefill/memory")
@@ -51,7 +52,7 @@ def _fmt(rec: dict) -> str:
 def run(args: argparse.Namespace) -> int:
     cfg = model_config_from_args(args)
     steady_allocator()
-    if not cfg.routed_layer_ids:
+    if not cfg.routed_layer_ids and args.what != "moe":
         raise CLIError("bench compares a routed model with its dense twin, and this config routes no layer "
                        f"(router {cfg.routing.router}, routed layers {cfg.routing.routed_layers})")
     dev = resolve_device(args.device)
@@ -79,6 +80,9 @@ def run(args: argparse.Namespace) -> int:
             recs = bench.bench_sweep(cfg, args.batch_size, args.seq_len,
                                      number_list(args.capacities, float, "--capacities"),
                                      number_list(args.route_every, int, "--route-every"), iters=args.iters, **kw)
+        elif w == "moe":
+            recs = bench.bench_moe(cfg, args.batch_size, args.seq_len, batches, args.context, args.new_tokens,
+                                   iters=args.iters, rounds=args.rounds, **kw)
         elif w == "decode":
             recs = [bench.bench_decode(cfg, b, args.context, args.new_tokens, rounds=args.rounds, **kw)
                     for b in batches]

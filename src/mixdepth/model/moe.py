@@ -151,6 +151,23 @@ class MoE(nn.Module):
         load = torch.bincount(choice.flatten(), minlength=self.n_choices).float() / choice.numel()
         self.expert_bias.add_(self.mc.bias_update_rate * torch.sign(self.targets - load))
 
+    @torch.no_grad()
+    def set_noop_share(self, x: torch.Tensor, fraction: float) -> float:
+        """Set the no-op's selection bias so that `fraction` of the tokens of `x` choose it (top-1).
+
+        The integrated-MoDE analogue of a causal threshold: it fixes the MLP compute of a model at
+        inference (e.g. a random or early model whose router does not yet hit `noop_fraction`).
+        Returns the bias.
+        """
+        if not self.mc.noop or self.top_k != 1:
+            raise ValueError("set_noop_share needs a no-op expert and top_k 1")
+        probs = torch.softmax(self.gate(x.reshape(-1, x.shape[-1])).float(), dim=-1)
+        real = (probs[:, :-1] + self.expert_bias[:-1]).max(-1).values
+        margin = (real - probs[:, -1]).double()  # the no-op wins when its bias exceeds this
+        bias = torch.quantile(margin, fraction) if 0 < fraction < 1 else margin.max() + 1 if fraction else -2.0
+        self.expert_bias[-1] = float(bias) + 1e-7 * (fraction > 0)
+        return float(self.expert_bias[-1])
+
     def stats(self, x: torch.Tensor) -> torch.Tensor:
         """(E',) share of token choices per expert (the no-op last) for the tokens of `x`."""
         _, choice, _ = self.route(x.reshape(-1, x.shape[-1]))

@@ -283,6 +283,23 @@ class MoDTransformer(nn.Module):
             layer.calibrate(out.scores[layer.layer_id], fraction)
         return [float(layer.causal_threshold) for layer in self.routed_layers]
 
+    @torch.no_grad()
+    def calibrate_noop(self, input_ids: torch.Tensor, fraction: float | None = None) -> list[float]:
+        """Integrated MoDE: set each MoE layer's no-op bias so that `fraction` (default:
+        `moe.noop_fraction`) of the tokens of `input_ids` skip its MLP; layers in order, each under
+        the ones before it. Returns the biases."""
+        fraction = self.cfg.moe.noop_fraction if fraction is None else fraction
+        biases = []
+        for moe in self.moe_layers:
+            seen = []
+            handle = moe.register_forward_pre_hook(lambda m, args, seen=seen: seen.append(args[0]))
+            try:
+                self(input_ids, mode="causal")
+            finally:
+                handle.remove()
+            biases.append(moe.set_noop_share(seen[0], fraction))
+        return biases
+
     def set_causal_fraction(self, fraction: float) -> None:
         """Move every routed layer's causal threshold to route `fraction` of the tokens."""
         for layer in self.routed_layers:
