@@ -178,7 +178,7 @@ class MoEConfig(_Serializable):
     dropless: bool = False
     """Never drop tokens in training either (every expert takes all its tokens)."""
     balance_loss_weight: float = 0.01
-    """Weight of the Switch balancing loss (minimal, 1.0, at the target shares)."""
+    """Weight of the Switch balancing loss (1.0 at the target shares)."""
     bias_update_rate: float = 0.0
     """> 0: aux-loss-free balancing (DeepSeek-V3): a per-expert bias added to the scores for selection
     only, moved by this much against each expert's excess load after every training forward."""

@@ -65,10 +65,12 @@ def _block_matmul_params(cfg: ModelConfig, layer: int = 0) -> float:
 def param_counts(cfg: ModelConfig) -> dict[str, int]:
     """Parameter counts by part. `total` counts a tied embedding once."""
     q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    biases = (q + 2 * kv) * cfg.qkv_bias + cfg.dim * cfg.o_bias + (2 * cfg.ffn_dim + cfg.dim) * cfg.mlp_bias
+    biases = (q + 2 * kv) * cfg.qkv_bias + cfg.dim * cfg.o_bias
+    mlp_biases = (2 * cfg.ffn_dim + cfg.dim) * cfg.mlp_bias  # dense MLPs only: the experts have none
     # + two RMSNorm weights (and the per-head q/k norms of Qwen3)
     block = _attn_matmul_params(cfg) + biases + 2 * cfg.dim + 2 * cfg.head_dim * cfg.qk_norm
-    blocks = sum(block + int(_mlp_matmul_params(cfg, i, active=False)) for i in range(cfg.n_layers))
+    blocks = sum(block + int(_mlp_matmul_params(cfg, i, active=False)) + (0 if cfg.moe.is_moe(i) else mlp_biases)
+                 for i in range(cfg.n_layers))
     idle = sum(_mlp_matmul_params(cfg, i, active=False) - _mlp_matmul_params(cfg, i) for i in range(cfg.n_layers))
     n_routed = len(cfg.routed_layer_ids)
     parts = router_class(cfg).param_counts(cfg)  # the router's own parts, by name
@@ -77,7 +79,7 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
     routing = {name: n_routed * n for name, n in parts.items()}
     total = embedding + head + blocks + cfg.dim + sum(routing.values())
     return {"total": total, "embedding": embedding, "lm_head": head, "blocks": blocks, **routing,
-            "non_embedding": total - embedding, "active": total - idle}
+            "non_embedding": total - embedding, "active": round(total - idle)}  # expected for the no-op: rounded
 
 
 def _attn_flops(cfg: ModelConfig, t: float, s: float) -> float:

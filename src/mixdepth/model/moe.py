@@ -8,7 +8,7 @@
   the MLP (it is never gathered, no call, no padding row);
 - in training an expert takes at most `capacity_factor * N * k / E` of the N tokens of a batch
   (times the non-no-op share for integrated MoDE), first choices first and then in token order;
-  tokens over capacity keep their residual. Inference (eval mode) is dropless: a token's experts
+  tokens over capacity keep their residual. Inference (eval mode, or no gradients) is dropless: a token's experts
   depend on that token alone, so decoding with a KV cache equals a full causal forward pass;
 - balancing: the Switch loss sum_i f_i P_i / t_i over the target shares t (1/E each; with the
   no-op, `noop_fraction` for it and the rest shared), 1.0 at the targets; optionally DeepSeek-V3's
@@ -56,7 +56,8 @@ def expert_mlp(x: torch.Tensor, counts: list[int] | torch.Tensor, w_gate: torch.
 
 def balance_loss(probs: torch.Tensor, assigned: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Switch balancing loss sum_i f_i P_i / t_i: f the share of assignments per expert (no gradient),
-    P the mean router probability, t the target shares. 1.0 when f = P = t; above 1 otherwise."""
+    P the mean router probability, t the target shares. 1.0 when f = P = t, and above 1 for any other
+    f = P (Cauchy-Schwarz); other pairs can go below 1, so it is not a lower bound in general."""
     f = torch.bincount(assigned.flatten(), minlength=probs.shape[-1]).float() / assigned.numel()
     return (f * probs.mean(0) / targets).sum()
 
@@ -101,7 +102,7 @@ class MoE(nn.Module):
     def capacity(self, n_tokens: int) -> int | None:
         """Most tokens one expert takes from a batch of `n_tokens` (None: dropless)."""
         m = self.mc
-        if m.dropless or not self.training:
+        if m.dropless or not self.training or not torch.is_grad_enabled():  # no_grad: generation, evaluation
             return None
         share = (1 - m.noop_fraction) if m.noop else 1.0
         return max(1, math.ceil(m.capacity_factor * n_tokens * self.top_k * share / self.n_experts))
@@ -141,7 +142,7 @@ class MoE(nn.Module):
         y = y * w[order, None].to(y.dtype)
         out = x.new_zeros(N, shape[-1]).index_add(0, t_sorted, y.to(x.dtype))
         self.losses = {"expert_balance_loss": balance_loss(probs, choice, self.targets)} if self.training else {}
-        if self.training and self.mc.bias_update_rate > 0:
+        if self.training and torch.is_grad_enabled() and self.mc.bias_update_rate > 0:
             self._update_bias(choice)
         return out.reshape(shape)
 
