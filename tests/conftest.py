@@ -53,3 +53,16 @@ def debug_cfg():
         return ModelConfig.from_name("debug", routing=routing, **overrides)
 
     return make
+
+
+def greedy_by_full_forward(model, prompt: list[int], n: int, mode: str = "causal") -> list[int]:
+    """Greedy tokens from repeated full forward passes (no cache) in `mode`: the reference that
+    cached generation is compared with."""
+    ids = torch.tensor([prompt])
+    out = []
+    with torch.no_grad():
+        for _ in range(n):
+            t = int(model(ids, mode=mode).logits[0, -1].argmax())
+            out.append(t)
+            ids = torch.cat([ids, torch.tensor([[t]])], dim=1)
+    return out

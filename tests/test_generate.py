@@ -13,6 +13,7 @@ import importlib.util
 import pytest
 import torch
 
+from conftest import greedy_by_full_forward
 from mixdepth import ModelConfig, MoDTransformer
 from mixdepth.generate import FINISHED, decode_one, generate, generate_text, prefill, sample
 
@@ -36,15 +37,7 @@ def model() -> MoDTransformer:
 
 
 def reference_greedy(model, prompt: list[int], n: int) -> list[int]:
-    """Greedy tokens from repeated full forward passes in causal mode, no cache."""
-    ids = torch.tensor([prompt])
-    out = []
-    with torch.no_grad():
-        for _ in range(n):
-            t = int(model(ids, mode="causal").logits[0, -1].argmax())
-            out.append(t)
-            ids = torch.cat([ids, torch.tensor([[t]])], dim=1)
-    return out
+    return greedy_by_full_forward(model, prompt, n, mode="causal")
 
 
 def run(model, prompts, **kw):

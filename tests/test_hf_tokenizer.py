@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import greedy_by_full_forward
 from mixdepth import ModelConfig, MoDTransformer
 from mixdepth.data import BPETokenizer, ByteTokenizer, HFTokenizer, load_tokenizer
 from mixdepth.generate import generate, generate_text
@@ -284,15 +285,7 @@ def test_hf_chat_needs_a_chat_template(folder):
 
 
 def dense_greedy(model, prompt: list[int], n: int) -> list[int]:
-    """Greedy tokens from repeated full forward passes in dense mode (every token in every block)."""
-    ids = torch.tensor([prompt])
-    out = []
-    with torch.no_grad():
-        for _ in range(n):
-            t = int(model(ids, mode="dense").logits[0, -1].argmax())
-            out.append(t)
-            ids = torch.cat([ids, torch.tensor([[t]])], dim=1)
-    return out
+    return greedy_by_full_forward(model, prompt, n, mode="dense")
 
 
 @pytest.mark.parametrize("routing", [{}, {"router": "token_choice"}, {"causal_method": "aux_loss"}], ids=str)
