@@ -66,3 +66,15 @@ def greedy_by_full_forward(model, prompt: list[int], n: int, mode: str = "causal
             out.append(t)
             ids = torch.cat([ids, torch.tensor([[t]])], dim=1)
     return out
+
+
+def generate_cli(capsys, *argv) -> tuple[int, str, str]:
+    """Run `mixdepth generate ARGV` in-process: (exit code, stdout, stderr)."""
+    from mixdepth.cli import main
+
+    try:
+        code = main(["generate", *map(str, argv)])
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err

@@ -13,7 +13,7 @@ import importlib.util
 import pytest
 import torch
 
-from conftest import greedy_by_full_forward
+from conftest import generate_cli, greedy_by_full_forward
 from mixdepth import ModelConfig, MoDTransformer
 from mixdepth.generate import FINISHED, decode_one, generate, generate_text, prefill, sample
 
@@ -295,15 +295,7 @@ def checkpoint_dir(tmp_path_factory, model):
     return path
 
 
-def cli(capsys, *argv) -> tuple[int, str, str]:
-    from mixdepth.cli import main
-
-    try:
-        code = main(["generate", *map(str, argv)])
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
+cli = generate_cli
 
 
 @needs_checkpoint

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import greedy_by_full_forward
+from conftest import generate_cli, greedy_by_full_forward
 from mixdepth import ModelConfig, MoDTransformer
 from mixdepth.data import BPETokenizer, ByteTokenizer, HFTokenizer, load_tokenizer
 from mixdepth.generate import generate, generate_text
@@ -303,15 +303,7 @@ def test_hf_generate_at_fraction_one_and_zero_needs_no_calibration(routing):
 
 
 # ---- the CLI --------------------------------------------------------------------------------------
-def cli(capsys, *argv) -> tuple[int, str, str]:
-    from mixdepth.cli import main
-
-    try:
-        code = main(["generate", *map(str, argv)])
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
+cli = generate_cli
 
 
 def test_hf_cli_chat_on_an_uncalibrated_checkpoint_generates_at_fraction_one(capsys, folder, tmp_path):
