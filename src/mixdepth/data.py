@@ -159,6 +159,7 @@ class HFTokenizer(BPETokenizer):
         special_tokens: named special tokens (`bos_token`, `eos_token`, ...) -> their text.
         bos_token, eos_token: the text of those tokens, or None.
         chat_template: the Jinja chat template, or None.
+        generation_config: generation_config.json's contents ({} without one).
         stop_ids: sorted token ids that end a generation (the eos token and generation_config.json's
             `eos_token_id`), as Hugging Face's `generate` stops at them.
     """
@@ -178,6 +179,7 @@ class HFTokenizer(BPETokenizer):
         self.bos_token = self.special_tokens.get("bos_token")
         self.eos_token = self.special_tokens.get("eos_token")
         self.chat_template = self._find_chat_template(config)
+        self.generation_config = self._json("generation_config.json")
         self.stop_ids = self._find_stop_ids()
 
     @classmethod
@@ -226,7 +228,7 @@ class HFTokenizer(BPETokenizer):
         ids = set()
         if self.eos_token is not None and self.tok.token_to_id(self.eos_token) is not None:
             ids.add(self.tok.token_to_id(self.eos_token))
-        extra = self._json("generation_config.json").get("eos_token_id")
+        extra = self.generation_config.get("eos_token_id")
         ids.update(int(i) for i in (extra if isinstance(extra, list) else [extra]) if i is not None)
         return sorted(ids)
 

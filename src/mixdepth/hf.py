@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from .config import FAMILIES, ModelConfig, RoutingConfig
-from .files import fsync_dir, read_json_file
+from .files import fsync_dir, fsync_file, read_json_file
 
 log = logging.getLogger("mixdepth")
 
@@ -47,8 +47,6 @@ CONVERT_ROUTING = {"gate": "straight_through"}
 pretrained function (the block output is not halved by sigmoid(0))."""
 ROUTING_FILE = "mixdepth_routing.safetensors"
 ROUTING_CONFIG = "mixdepth.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "chat_template.json", "generation_config.json")
 _ROUTING_KEYS = ("router.", "predictor.", "causal_threshold", "threshold_table")
 
 
@@ -442,30 +440,16 @@ def from_hf(model_or_folder: Any, routing: RoutingConfig | dict | None = None, *
 
 
 # ---- writing --------------------------------------------------------------------------------------
-def _token_ids(tokenizer_dir: Path | None) -> dict[str, Any]:
-    """bos/eos/pad token ids for an exported config, from generation_config.json if there is one."""
-    if tokenizer_dir is None:
-        return {}
-    path = tokenizer_dir / "generation_config.json"
-    gen = read_json_file(path, "generation config") if path.exists() else {}
-    return {k: gen.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id") if isinstance(gen, dict)}
-
-
-def _copy_tokenizer(src: Path | None, dst: Path) -> list[str]:
-    copied = []
-    for name in TOKENIZER_FILES:
-        if src is not None and (src / name).exists():
-            shutil.copyfile(src / name, dst / name)
-            copied.append(name)
-    return copied
-
-
-def _write_hf_folder(model, folder: Path, tokenizer_dir: Path | None) -> None:
+def _write_hf_folder(model, folder: Path, tokenizer) -> None:
+    """The HF folder's files; `tokenizer` (an `HFTokenizer` or None) writes its own files and gives
+    the config its bos/eos/pad token ids from generation_config.json."""
     from safetensors.torch import save_file
 
     cfg: ModelConfig = model.cfg
     tf = _transformers()
-    hf_cfg = tf.AutoConfig.for_model(**hf_config_dict(cfg, _token_ids(tokenizer_dir)))
+    gen = tokenizer.generation_config if tokenizer is not None else {}
+    tokens = {k: gen.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    hf_cfg = tf.AutoConfig.for_model(**hf_config_dict(cfg, tokens))
     hf_cfg.architectures = [HF_CLASSES[cfg.family]]
     hf_cfg.save_pretrained(str(folder))
     sd = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
@@ -473,7 +457,8 @@ def _write_hf_folder(model, folder: Path, tokenizer_dir: Path | None) -> None:
     save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
     save_file(routing, str(folder / ROUTING_FILE), metadata={"format": "pt"})
     (folder / ROUTING_CONFIG).write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
-    _copy_tokenizer(tokenizer_dir, folder)
+    if tokenizer is not None:
+        tokenizer.save(folder)
 
 
 def _fresh_out(out: str | Path) -> tuple[Path, list[Path]]:
@@ -499,13 +484,13 @@ def _remove_new_parents(created: list[Path]) -> None:
             break
 
 
-def _publish(tmp: Path, out: Path) -> None:
-    """fsync a finished temporary folder and rename it into place."""
-    for p in tmp.rglob("*"):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-    fsync_dir(tmp)
+def _publish(tmp: Path, out: Path, *, synced: bool = False) -> None:
+    """Rename a finished temporary folder into place (fsyncing its files first unless `synced`)."""
+    if not synced:
+        for p in tmp.rglob("*"):
+            if p.is_file():
+                fsync_file(p)
+        fsync_dir(tmp)
     if out.exists():
         out.rmdir()  # empty (checked first)
     os.replace(tmp, out)
@@ -516,13 +501,18 @@ def to_hf(model, folder: str | Path, tokenizer_dir: str | Path | None = None) ->
     """Write `model` as a Hugging Face folder that `AutoModelForCausalLM.from_pretrained` loads.
 
     The HF model computes the dense-mode function; routers, predictors and calibration go to
-    `mixdepth_routing.safetensors` and the full config to `mixdepth.json`, beside it. Tokenizer
-    files found in `tokenizer_dir` are copied. Written to a temporary folder, renamed at the end.
+    `mixdepth_routing.safetensors` and the full config to `mixdepth.json`, beside it. The Hugging
+    Face tokenizer in `tokenizer_dir` (a folder with `tokenizer.json`), if given, is written too.
+    Written to a temporary folder, renamed at the end.
     """
+    from .data import HFTokenizer
+
     out, created = _fresh_out(folder)
+    has_tokenizer = tokenizer_dir is not None and (Path(tokenizer_dir) / "tokenizer.json").exists()
+    tokenizer = HFTokenizer.from_folder(tokenizer_dir) if has_tokenizer else None
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp"))
     try:
-        _write_hf_folder(model, tmp, Path(tokenizer_dir) if tokenizer_dir else None)
+        _write_hf_folder(model, tmp, tokenizer)
         _publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -572,7 +562,7 @@ def convert(src: str | Path, out: str | Path, routing: RoutingConfig | dict | No
         tmp = work / "checkpoint"
         save_checkpoint(tmp, source.model, tokenizer=tokenizer)
         seconds = time.perf_counter() - t0
-        _publish_checkpoint(tmp, out)
+        _publish(tmp, out, synced=True)  # save_checkpoint fsynced it
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         _remove_new_parents(created)
@@ -581,13 +571,6 @@ def convert(src: str | Path, out: str | Path, routing: RoutingConfig | dict | No
     model = source.model
     return ConvertReport(out=out, cfg=model.cfg, kind=source.kind, seconds=seconds, peak_rss=peak_rss_bytes(),
                          params=model.num_params())
-
-
-def _publish_checkpoint(tmp: Path, out: Path) -> None:
-    if out.exists():
-        out.rmdir()
-    os.replace(tmp, out)
-    fsync_dir(out.parent)
 
 
 def export(ckpt: str | Path, out: str | Path) -> Path:

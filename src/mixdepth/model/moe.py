@@ -54,11 +54,16 @@ def expert_mlp(x: torch.Tensor, counts: list[int] | torch.Tensor, w_gate: torch.
     return torch.cat(outs) if outs else x.new_zeros(0, w_down.shape[-1])
 
 
+def choice_shares(choice: torch.Tensor, n_choices: int) -> torch.Tensor:
+    """(E',) share of the token choices `choice` (any shape of expert ids) that went to each expert."""
+    return torch.bincount(choice.flatten(), minlength=n_choices).float() / choice.numel()
+
+
 def balance_loss(probs: torch.Tensor, assigned: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Switch balancing loss sum_i f_i P_i / t_i: f the share of assignments per expert (no gradient),
     P the mean router probability, t the target shares. 1.0 when f = P = t, and above 1 for any other
     f = P (Cauchy-Schwarz); other pairs can go below 1, so it is not a lower bound in general."""
-    f = torch.bincount(assigned.flatten(), minlength=probs.shape[-1]).float() / assigned.numel()
+    f = choice_shares(assigned, probs.shape[-1])
     return (f * probs.mean(0) / targets).sum()
 
 
@@ -149,7 +154,7 @@ class MoE(nn.Module):
     @torch.no_grad()
     def _update_bias(self, choice: torch.Tensor) -> None:
         """Aux-loss-free balancing: raise the selection bias of experts below their target share."""
-        load = torch.bincount(choice.flatten(), minlength=self.n_choices).float() / choice.numel()
+        load = choice_shares(choice, self.n_choices)
         self.expert_bias.add_(self.mc.bias_update_rate * torch.sign(self.targets - load))
 
     @torch.no_grad()
@@ -172,4 +177,4 @@ class MoE(nn.Module):
     def stats(self, x: torch.Tensor) -> torch.Tensor:
         """(E',) share of token choices per expert (the no-op last) for the tokens of `x`."""
         _, choice, _ = self.route(x.reshape(-1, x.shape[-1]))
-        return torch.bincount(choice.flatten(), minlength=self.n_choices).float() / choice.numel()
+        return choice_shares(choice, self.n_choices)
