@@ -13,7 +13,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from mixdepth import from_hf, to_hf  # noqa: E402
-from mixdepth.generate import fraction_thresholds, generate  # noqa: E402
+from mixdepth.generate import generate  # noqa: E402
 from mixdepth.hf import config_from_hf  # noqa: E402
 
 V = 160
@@ -72,7 +72,7 @@ def test_hf_converted_logits_equal_the_source(pair):
         ref = hf(ids).logits
         torch.testing.assert_close(model(ids, mode="dense").logits, ref)
         # causal at fraction 1: every token through every block
-        out = model(ids, mode="causal", thresholds=fraction_thresholds(model, 1.0)).logits
+        out = model(ids, mode="causal", thresholds=model.causal_thresholds(1.0)).logits
         torch.testing.assert_close(out, ref)
     assert model.cfg.family == CASES[case]["model_type"]
 

@@ -177,25 +177,6 @@ def is_uncalibrated(model) -> bool:
     return any(bool(torch.isnan(layer.threshold_table).any()) for layer in model.routed_layers)
 
 
-def fraction_thresholds(model, fraction: float) -> dict[int, torch.Tensor]:
-    """Per routed layer, the causal threshold that routes `fraction` of the tokens, for one call.
-
-    Fractions 0 and 1 need no calibration: +inf lets no token into a routed block and -inf every
-    token (the model's dense function), so a never calibrated model can still generate at either.
-    Other fractions come from the calibration table (`model.causal_thresholds`).
-    """
-    if not 0 <= fraction <= 1:
-        raise ValueError(f"fraction must be in [0, 1], got {fraction}")
-    if fraction in (0, 1):
-        value = float("inf") if fraction == 0 else float("-inf")
-        return {layer.layer_id: torch.full((), value, device=layer.threshold_table.device)
-                for layer in model.routed_layers}
-    if is_uncalibrated(model):
-        raise ValueError("cannot set the routed fraction: the model was never calibrated "
-                         "(run model.calibrate_causal on held-out text and save the checkpoint)")
-    return model.causal_thresholds(fraction)
-
-
 # ---- the generation loop ------------------------------------------------------------------------
 @dataclass
 class GenerationResult:
@@ -335,8 +316,8 @@ def generate(
         stop: stop token ids, or sequences of ids; a row ends when its new tokens end with one.
         fraction: routed fraction of tokens at generation time: causal thresholds from the
             calibration table (`model.causal_thresholds`) for this generation only; the model's
-            calibrated thresholds are never changed. 0 and 1 need no calibration
-            (`fraction_thresholds`): at 1 every token enters every block (the dense function).
+            calibrated thresholds are never changed. 0 and 1 need no calibration: at 1 every token
+            enters every block (the dense function).
         chunk_size: prompt tokens per prefill forward call (None: all at once).
 
     Returns:
@@ -368,7 +349,14 @@ def generate(
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     stops = _normalize_stop(stop, cfg.vocab_size)
-    thresholds = None if fraction is None else fraction_thresholds(model, fraction)  # for this generation only
+    thresholds = None
+    if fraction is not None:
+        if not 0 <= fraction <= 1:
+            raise ValueError(f"fraction must be in [0, 1], got {fraction}")
+        if fraction not in (0, 1) and is_uncalibrated(model):
+            raise ValueError("cannot set the routed fraction: the model was never calibrated "
+                             "(run model.calibrate_causal on held-out text and save the checkpoint)")
+        thresholds = model.causal_thresholds(fraction)  # for this generation only
     device = model.embed_tokens.weight.device
     if generator is None and temperature > 0:
         generator = torch.Generator(device=device)

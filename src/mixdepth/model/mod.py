@@ -103,9 +103,15 @@ class MoDBlock(Block):
         return float(self.causal_threshold)
 
     def threshold_for(self, fraction: float) -> torch.Tensor:
-        """The threshold that routes `fraction` of the calibration tokens (to 0.001), from the table."""
+        """The threshold that routes `fraction` of the calibration tokens (to 0.001), from the table.
+
+        Fractions 0 and 1 need no calibration: +inf lets no token in and -inf every token (the
+        block's dense function), which is what the table holds at its ends.
+        """
         if not 0 <= fraction <= 1:
             raise ValueError(f"routed fraction must be in [0, 1], got {fraction}")
+        if fraction in (0, 1):
+            return torch.full((), float("inf") if fraction == 0 else float("-inf"), device=self.threshold_table.device)
         table = self.threshold_table
         if torch.isnan(table).any():
             raise ValueError(f"layer {self.layer_id} has no calibration table: run calibrate_causal first")
