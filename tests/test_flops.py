@@ -28,6 +28,9 @@ CONFIGS = {
     "capacity_0.3": dict(routing=dict(capacity=0.3)),
     "explicit_layers_big_predictor": dict(routing=dict(routed_layers=[0, 2, 3], predictor_hidden=24)),
     "head_dim_override": dict(head_dim=8, n_heads=4, n_kv_heads=2),
+    "unit_attn": dict(routing=dict(unit="attn")),
+    "unit_mlp": dict(routing=dict(unit="mlp")),
+    "random_token": dict(routing=dict(router="random_token")),
 }
 
 
@@ -95,10 +98,11 @@ def test_forward_flops_other_modes_exact(debug_cfg, mode, method):
     assert analytic == pytest.approx(counted, rel=1e-6)
 
 
-@pytest.mark.parametrize("routed", ["none", "all", "skip"])
-def test_decode_flops_per_token_match_counter(debug_cfg, routed):
+@pytest.mark.parametrize("routed, unit", [("none", "block"), ("all", "block"), ("skip", "block"),
+                                          ("all", "attn"), ("skip", "attn"), ("all", "mlp"), ("skip", "mlp")])
+def test_decode_flops_per_token_match_counter(debug_cfg, routed, unit):
     ctx = 12
-    cfg = debug_cfg(routing=dict(router="none" if routed == "none" else "expert_choice", capacity=0.25))
+    cfg = debug_cfg(routing=dict(router="none" if routed == "none" else "expert_choice", capacity=0.25, unit=unit))
     model = MoDTransformer(cfg)
     ids = torch.randint(0, cfg.vocab_size, (1, ctx + 1))
     f = None
@@ -109,20 +113,23 @@ def test_decode_flops_per_token_match_counter(debug_cfg, routed):
     cache = model.make_cache(1, 32)
     model(ids[:, :ctx], mode="causal", cache=cache, input_pos=torch.tensor([0]))
     counted = _counted(lambda: model(ids[:, ctx:], mode="causal", cache=cache, input_pos=torch.tensor([ctx])))
-    if routed != "none":
+    if routed != "none" and unit != "mlp":
         assert all(int(v[0]) == (ctx + 1 if f else 0) for v in cache.routed_counts().values())
+    if unit == "mlp":  # attention runs for every token: each layer caches every token
+        assert not cache.routed_counts() and all(int(layer.lengths[0]) == ctx + 1 for layer in cache.layers)
     _check(counted, flops.decode_flops_per_token(cfg, ctx, routed_fraction=f))
 
 
-def test_kv_bytes_per_token_match_cache(debug_cfg):
-    cfg = debug_cfg(routing=dict(routed_layers=[1], capacity=0.25))
+@pytest.mark.parametrize("unit", ["block", "attn", "mlp"])
+def test_kv_bytes_per_token_match_cache(debug_cfg, unit):
+    cfg = debug_cfg(routing=dict(routed_layers=[1], capacity=0.25, unit=unit))
     model = MoDTransformer(cfg)
     ids = torch.randint(0, cfg.vocab_size, (1, T))
     model.calibrate_causal(ids, 0.3)
     cache = model.make_cache(1, 64)
     model(ids, mode="causal", cache=cache, input_pos=torch.tensor([0]))
-    frac = int(cache.routed_counts()[1][0]) / T
-    assert 0 < frac < 1
+    frac = int(cache.routed_counts()[1][0]) / T if unit != "mlp" else 1.0
+    assert 0 < frac < 1 or unit == "mlp"
     got = cache.bytes_in_use()
     assert flops.kv_bytes_per_token(cfg, 4, routed_fraction=frac) * T == pytest.approx(got)
     assert flops.kv_bytes_per_token(cfg.with_routing(router="none"), 4) * T == cache.dense_bytes()

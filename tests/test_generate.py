@@ -227,7 +227,7 @@ def test_fraction_at_generation_time(model):
 
 # ---- other routers and errors ------------------------------------------------------------------
 @pytest.mark.parametrize("routing", [dict(router="none"), dict(router="token_choice"),
-                                     dict(causal_method="aux_loss")])
+                                     dict(causal_method="aux_loss"), dict(unit="attn"), dict(unit="mlp")])
 def test_other_routers_generate_like_the_reference(routing):
     model = make_model(fraction=None if routing.get("router") == "none" else 0.5, **routing)
     res = run(model, PROMPTS[:2], max_new_tokens=6)

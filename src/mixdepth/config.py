@@ -22,9 +22,11 @@ from .files import read_json_file
 
 log = logging.getLogger("mixdepth")
 
-ROUTERS = ["expert_choice", "token_choice", "random", "none"]
+ROUTERS = ["expert_choice", "token_choice", "random", "random_token", "none"]
 """Router names; `mixdepth.model.routers.register_router` adds new ones."""
 GATES = ("raw", "sigmoid", "straight_through")
+UNITS = ("block", "attn", "mlp")
+"""What a routed layer's router skips: the whole block (the paper), attention alone or the MLP alone."""
 MODES = ("topk", "causal", "dense")
 CAUSAL_METHODS = ("predictor", "aux_loss")
 DTYPES = ("auto", "fp32", "bf16")
@@ -83,7 +85,12 @@ class RoutingConfig(_Serializable):
     """Which layers are routed, how, and how the causal (sampling-time) decision is made."""
 
     router: str = "expert_choice"
-    """Router type: `expert_choice` (MoD top-k), `token_choice`, `random` (ablation) or `none` (dense)."""
+    """Router type: `expert_choice` (MoD top-k), `token_choice`, `random` (ablation: k random tokens,
+    no causal rule), `random_token` (each token enters with the routed fraction's probability, a
+    causal rule: the random baseline of sampling) or `none` (dense)."""
+    unit: str = "block"
+    """What the router skips: `block` (attention + MLP, the paper), `attn` (attention alone; every
+    token runs the MLP) or `mlp` (the MLP alone; every token runs attention and is cached)."""
     capacity: float = 0.125
     """Fraction C of the sequence that enters a routed block; k = ceil(C*T), at least 1. Paper: 12.5%."""
     route_every: int = 2
@@ -127,6 +134,7 @@ class RoutingConfig(_Serializable):
                 f"routing.routed_layers must be a list of layer indices >= 0, got {self.routed_layers}",
             )
             self.routed_layers = sorted(set(self.routed_layers))
+        _check(self.unit in UNITS, f"routing.unit must be one of {UNITS}, got {self.unit!r}")
         _check(self.gate in GATES, f"routing.gate must be one of {GATES}, got {self.gate!r}")
         _check(self.mode in MODES, f"routing.mode must be one of {MODES}, got {self.mode!r}")
         _check(
@@ -321,6 +329,11 @@ class ModelConfig(_Serializable):
     @property
     def routed_layer_ids(self) -> list[int]:
         return [i for i in range(self.n_layers) if self.routing.is_routed(i, self.n_layers)]
+
+    @property
+    def kv_routed_layer_ids(self) -> list[int]:
+        """Routed layers whose attention is routed, so cache only the tokens that enter (not `mlp`)."""
+        return [] if self.routing.unit == "mlp" else self.routed_layer_ids
 
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> ModelConfig:

@@ -9,6 +9,8 @@ Conventions (checked against `torch.utils.flop_counter.FlopCounterMode` in the t
 - A routed layer counts k = ceil(C*T) tokens through its block and k^2 attention, plus its
   router's own cost on all T tokens (`Router.flops_per_token`: the router's dot product, and the
   expert-choice predictor where it runs).
+- With `routing.unit` `attn` or `mlp`, k tokens go through that unit and all T through the other;
+  attention is T x T when only the MLP is routed.
 - A training step is forward + backward = 3x the forward, less the input gradient of the
   predictor's first layer, which is never computed (its input is detached).
 - Decoding counts the expected cost per token at a context length, with a routed layer's block
@@ -62,6 +64,12 @@ def _block_matmul_params(cfg: ModelConfig, layer: int = 0) -> float:
 
 
 
+def _routed_split(cfg: ModelConfig, layer: int) -> tuple[float, float]:
+    """A routed layer's matmul weights per token: (behind the router, run by every token), by `routing.unit`."""
+    attn, mlp = _attn_matmul_params(cfg), _mlp_matmul_params(cfg, layer)
+    return {"block": (attn + mlp, 0.0), "attn": (attn, mlp), "mlp": (mlp, attn)}[cfg.routing.unit]
+
+
 def param_counts(cfg: ModelConfig) -> dict[str, int]:
     """Parameter counts by part. `total` counts a tied embedding once."""
     q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
@@ -108,7 +116,9 @@ def forward_flops(cfg: ModelConfig, seq_len: int, batch_size: int = 1, *, mode: 
             k = T * (cfg.routing.capacity if routed_fraction is None else routed_fraction)
         else:
             k = cfg.routing.k(T)
-        total += 2 * k * pm + _attn_flops(cfg, k, k) + T * router_class(cfg).flops_per_token(cfg, mode)
+        rp, ap = _routed_split(cfg, i)
+        attn = _attn_flops(cfg, T, T) if cfg.routing.unit == "mlp" else _attn_flops(cfg, k, k)
+        total += 2 * k * rp + 2 * T * ap + attn + T * router_class(cfg).flops_per_token(cfg, mode)
     total += 2 * T * cfg.dim * cfg.vocab_size  # lm_head
     return batch_size * total
 
@@ -129,7 +139,10 @@ def decode_flops_per_token(cfg: ModelConfig, context_len: int, routed_fraction: 
     for i in range(cfg.n_layers):
         pm = _block_matmul_params(cfg, i)
         if i in routed:
-            total += router + f * (2 * pm + _attn_flops(cfg, 1, f * context_len + 1))
+            rp, ap = _routed_split(cfg, i)
+            attn = (_attn_flops(cfg, 1, context_len + 1) if cfg.routing.unit == "mlp"
+                    else f * _attn_flops(cfg, 1, f * context_len + 1))
+            total += router + f * 2 * rp + 2 * ap + attn
         else:
             total += 2 * pm + _attn_flops(cfg, 1, context_len + 1)
     return total
@@ -139,7 +152,7 @@ def kv_bytes_per_token(cfg: ModelConfig, dtype_bytes: int = 4, routed_fraction: 
     """Expected bytes of keys and values cached per token (all layers)."""
     f = cfg.routing.capacity if routed_fraction is None else routed_fraction
     per_layer = 2 * cfg.n_kv_heads * cfg.head_dim * dtype_bytes
-    n_routed = len(cfg.routed_layer_ids)
+    n_routed = len(cfg.kv_routed_layer_ids)
     return per_layer * ((cfg.n_layers - n_routed) + f * n_routed)
 
 

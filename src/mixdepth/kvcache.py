@@ -160,7 +160,7 @@ class KVCache:
     ):
         self.cfg, self.batch_size, self.max_seq_len = cfg, batch_size, max_seq_len
         frac = cfg.routing.capacity if routed_fraction is None else routed_fraction
-        routed = set(cfg.routed_layer_ids)
+        routed = set(cfg.kv_routed_layer_ids)
         routed_slots = min(max_seq_len, math.ceil(max_seq_len * min(1.0, frac * 1.25)) + 16)
         self.layers = [
             LayerKV(

@@ -129,7 +129,7 @@ class MoDBlock(Block):
         idx_d = idx[..., None].expand(B, K, D)
         xs = x.gather(1, idx_d)  # (B, K, D)
         cos, sin = rope(pos.gather(1, idx))
-        delta = self.delta(xs, cos, sin, cache_slot)  # (B, K, D)
+        delta = self.routed_delta(xs, cos, sin, cache_slot)  # (B, K, D)
         g = self.router.gate(r.gather(1, idx))  # (B, K)
         if valid is not None:
             g = g * valid
@@ -142,16 +142,46 @@ class MoDBlock(Block):
 
         `threshold` overrides the calibrated causal threshold for this call (a per-call routed
         fraction); the module itself is never changed by a forward.
+
+        With `routing.unit` `mlp`, every token runs attention (and is cached) first, and the router
+        then decides who runs the MLP; with `attn`, the router decides who runs attention, and every
+        token runs the MLP after it.
         """
         B, T, D = x.shape
         pos = position_ids.expand(B, T)
+        if self.rc.unit == "mlp":
+            cos, sin = rope(pos)
+            slot = cache.dense_slot(self.layer_id) if cache is not None else None
+            x = x + self.self_attn(self.input_layernorm(x), cos, sin, slot)
+        out, info = self._route(x, pos, rope, mode, cache, valid, want_scores, threshold)
+        if self.rc.unit == "attn":
+            out = out + self.mlp(self.post_attention_layernorm(out))
+        return out, info
+
+    def routed_delta(self, xs: torch.Tensor, cos, sin, cache_slot=None) -> torch.Tensor:
+        """f(x) of the routed unit, (B, K, D) -> (B, K, D): the block, its attention or its MLP."""
+        if self.rc.unit == "block":
+            return self.delta(xs, cos, sin, cache_slot)
+        if self.rc.unit == "attn":
+            return self.self_attn(self.input_layernorm(xs), cos, sin, cache_slot)
+        return self.mlp(self.post_attention_layernorm(xs))
+
+    def _slot(self, cache, counts, positions, **rows):
+        """The cache slot of the routed tokens (None when only the MLP is routed: attention was cached
+        for every token)."""
+        if cache is None or self.rc.unit == "mlp":
+            return None
+        return cache.routed_slot(self.layer_id, counts, positions, **rows)
+
+    def _route(self, x, pos, rope, mode, cache, valid, want_scores, threshold):
+        B, T, D = x.shape
         r = self.router(x)  # (B, T) fp32
         info: dict = {"losses": {}}
         if mode == "dense":
             chosen = torch.ones(B, T, dtype=torch.bool, device=x.device) if valid is None else valid
-            slot = cache.routed_slot(self.layer_id, chosen.sum(1).cpu(), pos) if cache is not None else None
+            slot = self._slot(cache, chosen.sum(1).cpu(), pos) if cache is not None else None
             cos, sin = rope(pos)
-            out = x + self.delta(x, cos, sin, slot) * self.router.gate(r)[..., None].to(x.dtype)
+            out = x + self.routed_delta(x, cos, sin, slot) * self.router.gate(r)[..., None].to(x.dtype)
             info["chosen"] = chosen
             return out, info
         if mode == "topk":
@@ -206,12 +236,12 @@ class MoDBlock(Block):
         rows_host = counts.nonzero().squeeze(1)  # (N,)
         if rows_host.numel() == B:
             idx, ok = chosen_first(chosen, K)
-            slot = cache.routed_slot(self.layer_id, counts, pos.gather(1, idx))
+            slot = self._slot(cache, counts, pos.gather(1, idx))
             return self._run_block(x, rope, pos, idx, ok, r, slot), info
         rows = rows_host.to(x.device, non_blocking=True)
         xr, cr, pr, rr = x[rows], chosen[rows], pos[rows], r[rows]  # (N, T, ...)
         idx, ok = chosen_first(cr, K)
-        slot = cache.routed_slot(self.layer_id, counts[rows_host], pr.gather(1, idx), rows=rows, rows_host=rows_host)
+        slot = self._slot(cache, counts[rows_host], pr.gather(1, idx), rows=rows, rows_host=rows_host)
         out_rows = self._run_block(xr, rope, pr, idx, ok, rr, slot)
         return x.index_copy(0, rows, out_rows), info
 
@@ -225,11 +255,11 @@ class MoDBlock(Block):
         gate = self.router.gate
         if N == B:
             cos, sin = rope(pos)
-            delta = self.delta(x, cos, sin, cache.routed_slot(self.layer_id, torch.ones(B, dtype=torch.long), pos))
+            delta = self.routed_delta(x, cos, sin, self._slot(cache, torch.ones(B, dtype=torch.long), pos))
             return x + delta * gate(r)[..., None].to(delta.dtype)
         rows = rows_host.to(x.device, non_blocking=True)
         ps = pos.index_select(0, rows)  # (N, 1)
         cos, sin = rope(ps)
-        slot = cache.routed_slot(self.layer_id, torch.ones(N, dtype=torch.long), ps, rows=rows, rows_host=rows_host)
-        delta = self.delta(x.index_select(0, rows), cos, sin, slot)  # (N, 1, D)
+        slot = self._slot(cache, torch.ones(N, dtype=torch.long), ps, rows=rows, rows_host=rows_host)
+        delta = self.routed_delta(x.index_select(0, rows), cos, sin, slot)  # (N, 1, D)
         return x.index_add(0, rows, delta * gate(r.index_select(0, rows))[..., None].to(delta.dtype))

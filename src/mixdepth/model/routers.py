@@ -16,6 +16,7 @@ The kinds:
 - `TokenChoiceRouter`: two logits per token (skip, block); r = l_block - l_skip, so
   sigmoid(r) = softmax(l)[block]; a token asks for the block iff r > 0; at most k get it.
 - `RandomRouter`: no parameters; k uniformly random tokens (the paper's ablation, fig. 5).
+- `RandomTokenRouter`: the same with a causal rule (a uniform score per token against a threshold).
 
 A new router is one new class, decorated with `@register_router("name")`; `make_router` is the
 only place that reads the router's name.
@@ -274,6 +275,19 @@ class RandomRouter(Router):
         raise ValueError("random routing has no causal decision: it cannot sample or run in causal mode")
 
 
+class RandomTokenRouter(RandomRouter):
+    """Random routing with a causal rule: each token draws a uniform score of its own, and enters
+    where it exceeds the threshold, i.e. with the routed fraction's probability (a coin per token).
+
+    The random baseline of sampling at a routed fraction (`topk` mode still takes k random tokens).
+    """
+
+    can_decode_causally = True
+
+    def causal_score(self, x, r):
+        return r
+
+
 def _predictor_hidden(cfg: ModelConfig) -> int:
     return cfg.routing.predictor_hidden or max(1, cfg.dim // 8)
 
@@ -282,6 +296,7 @@ ROUTER_CLASSES: dict[str, type[Router]] = {
     "expert_choice": ExpertChoiceRouter,
     "token_choice": TokenChoiceRouter,
     "random": RandomRouter,
+    "random_token": RandomTokenRouter,
     "none": Router,  # a dense model: no routed layer, so no router cost
 }
 
