@@ -27,9 +27,10 @@ log = logging.getLogger("mixdepth")
 
 
 @torch.no_grad()
-def token_losses(model, x: torch.Tensor, y: torch.Tensor, mode: str) -> tuple[torch.Tensor, Any]:
-    """Per-token cross-entropy (B, T) of `model` on `x` against `y` in `mode`, and the model output."""
-    out = model(x, y, mode=mode)
+def token_losses(model, x: torch.Tensor, y: torch.Tensor, mode: str, thresholds=None) -> tuple[torch.Tensor, Any]:
+    """Per-token cross-entropy (B, T) of `model` on `x` against `y` in `mode` (with causal
+    `thresholds` overriding the calibrated ones), and the model output."""
+    out = model(x, y, mode=mode, thresholds=thresholds)
     logits = out.logits.float()  # (B, T, V)
     losses = F.cross_entropy(logits.transpose(1, 2), y, reduction="none")  # (B, T)
     return losses, out
@@ -43,7 +44,8 @@ def _mean_lists(rows: list[list[float]]) -> list[float]:
 
 @torch.no_grad()
 def run_eval(checkpoint: str | Path, *, data: str | None = None, batches: int = 20, seq_len: int | None = None,
-             batch_size: int = 8, device: str = "auto", cache_dir: str | None = None) -> dict[str, Any]:
+             batch_size: int = 8, device: str = "auto", cache_dir: str | None = None,
+             fraction: float | None = None) -> dict[str, Any]:
     """Evaluate a checkpoint on fixed validation windows in `topk` and `causal` modes.
 
     Args:
@@ -54,6 +56,8 @@ def run_eval(checkpoint: str | Path, *, data: str | None = None, batches: int = 
         batch_size: windows per batch.
         device: where to run: "auto" (cuda if available), "cpu", "cuda" or "cuda:N".
         cache_dir: cache of corpora and token files.
+        fraction: routed fraction of the causal mode, from the calibration table (the compute dial;
+            default: the calibrated threshold).
 
     Returns:
         dict with `loss_topk`, `ppl_topk`, `loss_causal`, `ppl_causal`, `causal_gap`
@@ -81,6 +85,9 @@ def run_eval(checkpoint: str | Path, *, data: str | None = None, batches: int = 
     starts = tokens.eval_offsets(T, batches * batch_size)
 
     causal_ok = model.can_decode_causally
+    if fraction is not None and not 0 <= fraction <= 1:
+        raise ValueError(f"--fraction must be in [0, 1], got {fraction}")
+    thresholds = model.causal_thresholds(fraction) if fraction is not None and causal_ok else None
     sums = {"topk": 0.0, "causal": 0.0}
     frac = {"topk": [], "causal": []}
     acc: list[list[float]] = []
@@ -92,7 +99,7 @@ def run_eval(checkpoint: str | Path, *, data: str | None = None, batches: int = 
             x, y = tokens.batch_at("val", starts[b * batch_size:(b + 1) * batch_size], T, device)
             modes = ("topk", "causal") if causal_ok else ("topk",)
             for mode in modes:
-                losses, out = token_losses(model, x, y, mode)
+                losses, out = token_losses(model, x, y, mode, thresholds if mode == "causal" else None)
                 sums[mode] += float(losses.sum())
                 if out.routed_frac is not None:
                     frac[mode].append(out.routed_frac.tolist())
@@ -111,6 +118,7 @@ def run_eval(checkpoint: str | Path, *, data: str | None = None, batches: int = 
         "checkpoint": str(ckpt),
         "router": cfg.routing.router if cfg.routed_layer_ids else "none",
         "capacity": cfg.routing.capacity,
+        "fraction": fraction,
         "loss_topk": loss_topk,
         "ppl_topk": math.exp(loss_topk),
         "loss_causal": loss_causal,
@@ -131,7 +139,8 @@ def format_report(r: dict[str, Any]) -> str:
     def fl(xs: list[float]) -> str:
         return " ".join(f"{v:.3f}" for v in xs) if xs else "-"
 
-    lines = [f"checkpoint {r['checkpoint']}: router {r['router']}, capacity {r['capacity']}, "
+    dial = f", causal at --fraction {r['fraction']}" if r.get("fraction") is not None else ""
+    lines = [f"checkpoint {r['checkpoint']}: router {r['router']}, capacity {r['capacity']}{dial}, "
              f"routed layers {r['routed_layers']}, {r['tokens']:,} validation tokens",
              f"{'mode':<8}{'loss':>9}{'ppl':>10}  routed fraction per routed layer"]
     lines.append(f"{'topk':<8}{r['loss_topk']:>9.4f}{r['ppl_topk']:>10.3f}  {fl(r['routed_frac_topk'])}")

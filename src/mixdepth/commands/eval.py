@@ -17,6 +17,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batches", type=int, default=20, help="validation batches (default: 20)")
     parser.add_argument("--batch-size", type=int, default=8, help="windows per batch (default: 8)")
     parser.add_argument("--seq-len", type=positive_int, default=None, help="tokens per window (default: training's)")
+    parser.add_argument("--fraction", type=float, default=None,
+                        help="routed fraction of the causal mode, from the calibration table (default: the "
+                             "calibrated one)")
     add_device_args(parser, dtype=False)
     parser.add_argument("--json", default=None, metavar="FILE", help="also write the result as JSON")
 
@@ -24,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     resolve_checkpoint(args.checkpoint)  # a missing path fails here, before any data work
     r = run_eval(args.checkpoint, data=args.data, batches=args.batches, seq_len=args.seq_len,
-                 batch_size=args.batch_size, device=args.device)
+                 batch_size=args.batch_size, device=args.device, fraction=args.fraction)
     print(format_report(r))
     if args.json:
         Path(args.json).write_text(json.dumps(r, indent=1) + "\n")

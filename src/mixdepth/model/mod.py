@@ -137,11 +137,12 @@ class MoDBlock(Block):
 
     # ---- forward ------------------------------------------------------------------------------
     def forward(self, x, rope, position_ids, *, mode="topk", cache=None, valid=None, want_scores=False,
-                threshold=None):
+                threshold=None, calibrate=None):
         """Returns (x', info). info holds `chosen` (B, T), `losses` (name -> tensor) and statistics.
 
         `threshold` overrides the calibrated causal threshold for this call (a per-call routed
-        fraction); the module itself is never changed by a forward.
+        fraction); the module itself is never changed by a forward, except with `calibrate` (a
+        fraction, causal mode): the layer then first calibrates itself on this call's scores.
 
         With `routing.unit` `mlp`, every token runs attention (and is cached) first, and the router
         then decides who runs the MLP; with `attn`, the router decides who runs attention, and every
@@ -153,7 +154,7 @@ class MoDBlock(Block):
             cos, sin = rope(pos)
             slot = cache.dense_slot(self.layer_id) if cache is not None else None
             x = x + self.self_attn(self.input_layernorm(x), cos, sin, slot)
-        out, info = self._route(x, pos, rope, mode, cache, valid, want_scores, threshold)
+        out, info = self._route(x, pos, rope, mode, cache, valid, want_scores, threshold, calibrate)
         if self.rc.unit == "attn":
             out = out + self.mlp(self.post_attention_layernorm(out))
         return out, info
@@ -173,7 +174,7 @@ class MoDBlock(Block):
             return None
         return cache.routed_slot(self.layer_id, counts, positions, **rows)
 
-    def _route(self, x, pos, rope, mode, cache, valid, want_scores, threshold):
+    def _route(self, x, pos, rope, mode, cache, valid, want_scores, threshold, calibrate):
         B, T, D = x.shape
         r = self.router(x)  # (B, T) fp32
         info: dict = {"losses": {}}
@@ -188,6 +189,9 @@ class MoDBlock(Block):
             if cache is not None:
                 raise ValueError("topk routing reads future tokens and cannot run with a KV cache; use causal")
             return self._forward_topk(x, rope, pos, r, info, want_scores)
+        if calibrate is not None:
+            score = self.router.causal_score(x, r)
+            self.calibrate(score if valid is None else score[valid], calibrate)
         t = self.causal_threshold if threshold is None else threshold
         return self._forward_causal(x, rope, pos, r, info, cache, valid, want_scores, t)
 

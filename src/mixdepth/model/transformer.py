@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from ..config import MODES, ModelConfig
 from ..kvcache import KVCache
 from .layers import Block, Linear, RMSNorm, RotaryEmbedding
-from .mod import MoDBlock
+from .mod import N_FRACTIONS, MoDBlock
 from .moe import MoE
 
 
@@ -149,6 +149,7 @@ class MoDTransformer(nn.Module):
         last_only: bool = False,
         return_routing: bool = False,
         return_scores: bool = False,
+        calibrate: float | None = None,
     ) -> ModelOutput:
         """Run the model.
 
@@ -166,11 +167,16 @@ class MoDTransformer(nn.Module):
             last_only: return logits only at each row's last real token, (B, 1, V).
             return_routing: fill `routing` with the per-layer chosen masks.
             return_scores: fill `scores` with the per-layer causal scores.
+            calibrate: causal mode, no cache: each routed layer first sets its thresholds from this
+                call's scores to route this fraction (`MoDBlock.calibrate`), in layer order, so each
+                is calibrated under the decisions of the ones before it (`calibrate_causal`).
         """
         cfg = self.cfg
         mode = mode or cfg.routing.mode
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if calibrate is not None and (mode != "causal" or cache is not None or thresholds):
+            raise ValueError("calibrate runs in causal mode without a cache or threshold overrides")
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, tokens), got shape {tuple(input_ids.shape)}")
         B, T = input_ids.shape
@@ -218,7 +224,7 @@ class MoDTransformer(nn.Module):
         for layer in self.layers:
             if layer.routed:
                 x, info = layer(x, self.rope, position_ids, mode=mode, cache=cache, valid=valid,
-                                want_scores=return_scores,
+                                want_scores=return_scores, calibrate=calibrate,
                                 threshold=thresholds.get(layer.layer_id) if thresholds else None)
                 infos.append((layer.layer_id, info))
             else:
@@ -262,25 +268,45 @@ class MoDTransformer(nn.Module):
 
     # ---- calibration of the causal decision --------------------------------------------------
     @torch.no_grad()
-    def calibrate_causal(self, input_ids: torch.Tensor, fraction: float | None = None) -> list[float]:
+    def calibrate_causal(self, input_ids: torch.Tensor, fraction: float | None = None,
+                         dial: list[float] | None = None) -> list[float]:
         """Set each routed layer's causal threshold so that `fraction` (default: the capacity) of
         the tokens of `input_ids` enter its block when decoding causally.
 
         Layers are calibrated in order, each under the already calibrated layers before it, since
-        an earlier layer's decisions change what a later layer sees. Each threshold lies between two
-        distinct calibration scores (`mod.thresholds_for_fractions`), as near the fraction as ties
-        allow. A table of thresholds per fraction is kept in the `threshold_table` buffers (saved
-        with the weights), so `set_causal_fraction` and `causal_thresholds` can later move the
-        operating point without data.
+        an earlier layer's decisions change what a later layer sees: one causal forward in which
+        each layer calibrates itself as its input arrives. Each threshold lies between two distinct
+        calibration scores (`mod.thresholds_for_fractions`), as near the fraction as ties allow. A
+        table of thresholds per fraction is kept in the `threshold_table` buffers (saved with the
+        weights), so `set_causal_fraction` and `causal_thresholds` can later move the operating
+        point without data.
+
+        With `dial` (a list of fractions), one such pass runs per fraction of the dial, and each
+        entry of the table comes from the pass nearest its fraction: a later layer's inputs depend
+        on how much the earlier layers route, so a table from one pass drifts at fractions far
+        from it. `causal_thresholds(f)` then routes f as measured on these tokens.
 
         Returns the thresholds, one per routed layer.
         """
         fraction = self.cfg.routing.capacity if fraction is None else fraction
-        if not 0 <= fraction <= 1:
-            raise ValueError(f"routed fraction must be in [0, 1], got {fraction}")
-        for layer in self.routed_layers:
-            out = self(input_ids, mode="causal", return_scores=True)
-            layer.calibrate(out.scores[layer.layer_id], fraction)
+        points = sorted({float(f) for f in (dial or [])})
+        for f in [fraction, *points]:
+            if not 0 <= f <= 1:
+                raise ValueError(f"routed fraction must be in [0, 1], got {f}")
+        if points:
+            tables = []
+            for f in points:
+                self(input_ids, mode="causal", calibrate=f)
+                tables.append(torch.stack([layer.threshold_table.clone() for layer in self.routed_layers]))
+            grid = torch.linspace(0, 1, N_FRACTIONS)
+            nearest = (grid[:, None] - torch.tensor(points)[None]).abs().argmin(1)  # (N_FRACTIONS,)
+            stacked = torch.stack(tables)  # (P, R, N_FRACTIONS)
+            table = stacked.gather(0, nearest.to(stacked.device)[None, None].expand(1, *stacked.shape[1:]))[0]
+            for layer, row in zip(self.routed_layers, table):
+                layer.threshold_table.copy_(row)
+                layer.set_causal_fraction(fraction)
+        else:
+            self(input_ids, mode="causal", calibrate=fraction)
         return [float(layer.causal_threshold) for layer in self.routed_layers]
 
     @torch.no_grad()
