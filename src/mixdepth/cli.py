@@ -24,6 +24,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "flops": ("mixdepth.commands.flops",
               "print FLOPs, parameters and KV bytes of a config against its dense twin"),
     "convert": ("mixdepth.commands.convert", "convert a Hugging Face folder or GGUF file to a MoD checkpoint"),
+    "tune": ("mixdepth.commands.tune",
+             "make a converted model MoD: layer sensitivity, routers tuned with the trunk frozen, the quality/speed curve"),
     "export": ("mixdepth.commands.export", "write a checkpoint as a Hugging Face folder (routing beside it)"),
     "plot": ("mixdepth.commands.plot", "loss curves and routing maps as PNG files"),
     "demo": ("mixdepth.commands.demo", "train dense and MoD at equal FLOPs, evaluate, report"),

@@ -188,7 +188,10 @@ class Attention(nn.Module):
         self.qk_norm = cfg.qk_norm
         self.gqa = cfg.n_kv_heads != cfg.n_heads
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`mask` (B, 1, T, T) bool, without a cache: which keys each query reads instead of the causal
+        prefix (`MoDBlock._forward_relaxed`)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, E)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, G, T, E)
@@ -197,7 +200,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
-            keys, values, mask, causal, rows = k, v, None, T > 1, None
+            keys, values, causal, rows = k, v, T > 1 and mask is None, None
         else:  # the cache stores this call's keys and says what each query may read
             keys, values, mask, causal, rows = cache.update(k, v)
         if rows is not None:  # queries of some batch rows only: zero queries for the others
@@ -240,9 +243,9 @@ class Block(nn.Module):
         else:
             self.mlp = MLP(cfg)
 
-    def delta(self, x: torch.Tensor, cos, sin, cache=None) -> torch.Tensor:
+    def delta(self, x: torch.Tensor, cos, sin, cache=None, mask=None) -> torch.Tensor:
         """f(x): what the block adds to the residual stream, (B, T, D) -> (B, T, D)."""
-        a = self.self_attn(self.input_layernorm(x), cos, sin, cache)
+        a = self.self_attn(self.input_layernorm(x), cos, sin, cache, mask)
         return a + self.mlp(self.post_attention_layernorm(x + a))
 
     def forward(self, x: torch.Tensor, rope: RotaryEmbedding, position_ids, *, cache=None, **_) -> tuple:

@@ -137,12 +137,13 @@ class MoDBlock(Block):
 
     # ---- forward ------------------------------------------------------------------------------
     def forward(self, x, rope, position_ids, *, mode="topk", cache=None, valid=None, want_scores=False,
-                threshold=None, calibrate=None):
+                threshold=None, calibrate=None, relax=None):
         """Returns (x', info). info holds `chosen` (B, T), `losses` (name -> tensor) and statistics.
 
         `threshold` overrides the calibrated causal threshold for this call (a per-call routed
         fraction); the module itself is never changed by a forward, except with `calibrate` (a
         fraction, causal mode): the layer then first calibrates itself on this call's scores.
+        `relax` (a fraction, dense mode) trains routers of a frozen model: see `_forward_relaxed`.
 
         With `routing.unit` `mlp`, every token runs attention (and is cached) first, and the router
         then decides who runs the MLP; with `attn`, the router decides who runs attention, and every
@@ -154,17 +155,20 @@ class MoDBlock(Block):
             cos, sin = rope(pos)
             slot = cache.dense_slot(self.layer_id) if cache is not None else None
             x = x + self.self_attn(self.input_layernorm(x), cos, sin, slot)
-        out, info = self._route(x, pos, rope, mode, cache, valid, want_scores, threshold, calibrate)
+        if relax is not None:
+            out, info = self._forward_relaxed(x, pos, rope, relax, valid)
+        else:
+            out, info = self._route(x, pos, rope, mode, cache, valid, want_scores, threshold, calibrate)
         if self.rc.unit == "attn":
             out = out + self.mlp(self.post_attention_layernorm(out))
         return out, info
 
-    def routed_delta(self, xs: torch.Tensor, cos, sin, cache_slot=None) -> torch.Tensor:
+    def routed_delta(self, xs: torch.Tensor, cos, sin, cache_slot=None, mask=None) -> torch.Tensor:
         """f(x) of the routed unit, (B, K, D) -> (B, K, D): the block, its attention or its MLP."""
         if self.rc.unit == "block":
-            return self.delta(xs, cos, sin, cache_slot)
+            return self.delta(xs, cos, sin, cache_slot, mask)
         if self.rc.unit == "attn":
-            return self.self_attn(self.input_layernorm(xs), cos, sin, cache_slot)
+            return self.self_attn(self.input_layernorm(xs), cos, sin, cache_slot, mask)
         return self.mlp(self.post_attention_layernorm(xs))
 
     def _slot(self, cache, counts, positions, **rows):
@@ -173,6 +177,35 @@ class MoDBlock(Block):
         if cache is None or self.rc.unit == "mlp":
             return None
         return cache.routed_slot(self.layer_id, counts, positions, **rows)
+
+    def _forward_relaxed(self, x, pos, rope, fraction: float, valid):
+        """Every token runs the unit; its output is kept where the causal score is in the top
+        `fraction` of this call's tokens, by a hard 0/1 gate whose gradient is a sigmoid's around
+        that cut (straight-through). Attention reads the chosen tokens (and each token itself), so
+        a chosen token computes exactly what it computes gathered, and a skipped one what it
+        would if it alone were added. So the forward is what sampling at `fraction` computes (the
+        cut being this batch's quantile instead of a calibrated threshold), and every token,
+        chosen or not, tells the router by its gradient whether the unit's output would help it,
+        which `topk` mode can only tell of the chosen ones.
+        """
+        r = self.router(x)  # (B, T)
+        score = self.router.causal_score(x, r)
+        s = score.detach()
+        live = s if valid is None else s[valid]
+        cut = torch.quantile(live.float(), 1 - fraction) if 0 < fraction < 1 else (live.min() - 1 if fraction else live.max() + 1)
+        chosen = s > cut
+        if valid is not None:
+            chosen = chosen & valid
+        width = live.std().clamp_min(1e-6)
+        soft = torch.sigmoid((score - cut) / width)
+        gate = chosen.float() + soft - soft.detach()  # (B, T): value 0 or 1
+        cos, sin = rope(pos)
+        T = x.shape[1]
+        eye = torch.eye(T, dtype=torch.bool, device=x.device)
+        keys = (chosen[:, None, None, :] | eye) & torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+        out = x + self.routed_delta(x, cos, sin, mask=keys) * gate[..., None].to(x.dtype)  # keys: (B, 1, T, T)
+        losses, _ = self.router.topk_terms(x, r, chosen.float())
+        return out, {"losses": losses, "chosen": chosen, "frac": chosen.float().mean()}
 
     def _route(self, x, pos, rope, mode, cache, valid, want_scores, threshold, calibrate):
         B, T, D = x.shape

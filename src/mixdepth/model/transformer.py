@@ -150,6 +150,7 @@ class MoDTransformer(nn.Module):
         return_routing: bool = False,
         return_scores: bool = False,
         calibrate: float | None = None,
+        relax: float | None = None,
     ) -> ModelOutput:
         """Run the model.
 
@@ -170,6 +171,9 @@ class MoDTransformer(nn.Module):
             calibrate: causal mode, no cache: each routed layer first sets its thresholds from this
                 call's scores to route this fraction (`MoDBlock.calibrate`), in layer order, so each
                 is calibrated under the decisions of the ones before it (`calibrate_causal`).
+            relax: router training of a frozen model (`mixdepth tune`), no cache: every token runs
+                each routed unit, kept where its causal score is in the top `relax` fraction of the
+                call's tokens, by a hard gate with a sigmoid's gradient (`MoDBlock._forward_relaxed`).
         """
         cfg = self.cfg
         mode = mode or cfg.routing.mode
@@ -177,6 +181,8 @@ class MoDTransformer(nn.Module):
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if calibrate is not None and (mode != "causal" or cache is not None or thresholds):
             raise ValueError("calibrate runs in causal mode without a cache or threshold overrides")
+        if relax is not None and (cache is not None or not 0 <= relax <= 1):
+            raise ValueError(f"relax is a routed fraction in [0, 1] for a forward without a cache, got {relax}")
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, tokens), got shape {tuple(input_ids.shape)}")
         B, T = input_ids.shape
@@ -224,7 +230,7 @@ class MoDTransformer(nn.Module):
         for layer in self.layers:
             if layer.routed:
                 x, info = layer(x, self.rope, position_ids, mode=mode, cache=cache, valid=valid,
-                                want_scores=return_scores, calibrate=calibrate,
+                                want_scores=return_scores, calibrate=calibrate, relax=relax,
                                 threshold=thresholds.get(layer.layer_id) if thresholds else None)
                 infos.append((layer.layer_id, info))
             else:
