@@ -25,7 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
               "print FLOPs, parameters and KV bytes of a config against its dense twin"),
     "convert": ("mixdepth.commands.convert", "convert a Hugging Face folder or GGUF file to a MoD checkpoint"),
     "tune": ("mixdepth.commands.tune",
-             "make a converted model MoD: layer sensitivity, routers tuned with the trunk frozen, the quality/speed curve"),
+             "make a converted model MoD: sensitivity, routers tuned on a frozen trunk, quality/speed curve"),
     "export": ("mixdepth.commands.export", "write a checkpoint as a Hugging Face folder (routing beside it)"),
     "plot": ("mixdepth.commands.plot", "loss curves and routing maps as PNG files"),
     "demo": ("mixdepth.commands.demo", "train dense and MoD at equal FLOPs, evaluate, report"),

@@ -30,9 +30,10 @@ import logging
 import math
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -292,7 +293,7 @@ def tune_routers(model: MoDTransformer, source: MoDTransformer, batches: Callabl
 
 # ---- the curve ----------------------------------------------------------------------------------
 @torch.no_grad()
-def heldout_quality(model: MoDTransformer, ref_logp: list[torch.Tensor], windows: list[tuple[torch.Tensor, torch.Tensor]],
+def heldout_quality(model: MoDTransformer, ref_logp: list[torch.Tensor], windows: list,
                     fraction: float | None = None) -> dict[str, float]:
     """Held-out perplexity, KL from the source and the routed fraction, in causal mode (the
     sampling-time decision) at `fraction` of the dial."""
@@ -483,7 +484,7 @@ def tune(ckpt: str | Path, out: str | Path, tc: TuneConfig, *, curve: bool = Tru
         log.info("mod-%s: routing layers %s; tuning routers for %d steps", unit, layers, tc.steps)
         ts = time.perf_counter()
 
-        def on_step(step, rec, unit=unit):
+        def on_step(step, rec, unit=unit, ts=ts):
             if (step + 1) % 10 == 0 or step == 0:
                 log.info("mod-%s step %d/%d  fraction %.2f  KL %.4f  (%.1f s/step)", unit, step + 1, tc.steps,
                          rec["fraction"], rec["kl"], (time.perf_counter() - ts) / (step + 1))
@@ -498,7 +499,8 @@ def tune(ckpt: str | Path, out: str | Path, tc: TuneConfig, *, curve: bool = Tru
         save_checkpoint(path, model, trainer_state=state, tokenizer=tokenizer)
         log.info("mod-%s: tuned in %.0f s, saved %s", unit, tune_s, path)
         models[unit] = model
-    result: dict[str, Any] = {"sensitivity": sens, "routed": n_routed, "checkpoints": [str(out / f"mod-{u}") for u in tc.units]}
+    result: dict[str, Any] = {"sensitivity": sens, "routed": n_routed,
+                              "checkpoints": [str(out / f"mod-{u}") for u in tc.units]}
     if not curve:
         return result
 

@@ -23,7 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"{','.join(_D.units)})")
     parser.add_argument("--routed", type=int, default=_D.routed,
                         help="layers to route, the least sensitive (default: two thirds of the layers)")
-    parser.add_argument("--steps", type=int, default=_D.steps, help=f"router training steps per unit (default: {_D.steps})")
+    parser.add_argument("--steps", type=int, default=_D.steps,
+                        help=f"router training steps per unit (default: {_D.steps})")
     parser.add_argument("--batch-size", type=positive_int, default=_D.batch_size, help="windows per step (default: 4)")
     parser.add_argument("--seq-len", type=positive_int, default=_D.seq_len, help="tokens per window (default: 256)")
     parser.add_argument("--lr", type=float, default=_D.lr, help=f"router learning rate (default: {_D.lr})")

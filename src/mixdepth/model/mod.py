@@ -192,7 +192,10 @@ class MoDBlock(Block):
         score = self.router.causal_score(x, r)
         s = score.detach()
         live = s if valid is None else s[valid]
-        cut = torch.quantile(live.float(), 1 - fraction) if 0 < fraction < 1 else (live.min() - 1 if fraction else live.max() + 1)
+        if 0 < fraction < 1:
+            cut = torch.quantile(live.float(), 1 - fraction)
+        else:
+            cut = live.min() - 1 if fraction else live.max() + 1
         chosen = s > cut
         if valid is not None:
             chosen = chosen & valid
