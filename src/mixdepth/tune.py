@@ -48,7 +48,7 @@ from .model import MoDTransformer
 log = logging.getLogger("mixdepth")
 
 OBJECTIVES = ("relaxed", "topk")
-DIAL = (1.0, 0.75, 0.5, 0.25)
+DIAL = (1.0, 0.9, 0.75, 0.5, 0.25)
 """The routed fractions of the curve."""
 CHAT_PROMPTS = (
     "What is the capital of France?",
@@ -63,7 +63,7 @@ CHAT_PROMPTS = (
 class TuneConfig(_Serializable):
     """Settings of `mixdepth tune`."""
 
-    units: list[str] = field(default_factory=lambda: ["block", "attn", "mlp"])
+    units: list[str] = field(default_factory=lambda: ["mlp", "block", "attn"])
     """Routed units to tune and compare: `block`, `attn`, `mlp`; the first is the main model."""
     routed: int = 0
     """Layers to route (the least sensitive); 0 means two thirds of the layers."""
@@ -79,7 +79,9 @@ class TuneConfig(_Serializable):
     causal_method: str = "aux_loss"
     """The causal rule at sampling: `aux_loss` (the router's own score against a threshold: no
     second network at decode time) or `predictor`."""
-    aux_loss_weight: float = 0.01
+    aux_loss_weight: float = 0.0
+    """Weight of the BCE pulling router logits toward their own choices (`aux_loss`); the relaxed
+    objective already trains the score it thresholds, so 0 by default."""
     sensitivity_windows: int = 4
     """Windows (of `seq_len`, from the training split) on which sensitivity is measured."""
     calibration_windows: int = 8

@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--causal-method", default=_D.causal_method, choices=("aux_loss", "predictor"),
                         help="the sampling-time decision (default: aux_loss, the router's own score)")
     parser.add_argument("--dial", default=",".join(map(str, _D.dial)),
-                        help="routed fractions of the curve (default: 1.0,0.75,0.5,0.25)")
+                        help="routed fractions of the curve (default: 1.0,0.9,0.75,0.5,0.25)")
     parser.add_argument("--data", default=_D.data, help="training text: shakespeare (default), a file or a folder; "
                                                         "its validation split is the held-out text")
     parser.add_argument("--eval-windows", type=positive_int, default=_D.eval_windows,
