@@ -205,6 +205,9 @@ def bench_decode(cfg: ModelConfig, batch_size: int, context: int, new_tokens: in
     kv_ratio = cache.bytes_in_use() / dense_cache.bytes_in_use()
     kv_alloc = cache.bytes_allocated() / dense_cache.bytes_allocated()
     decoded = batch_size * new_tokens
+    if cfg.routed_layer_ids and not cfg.kv_routed_layer_ids:
+        raise ValueError("bench decode reads the routed fraction off the KV cache, which MLP-only routing "
+                         "(routing.unit mlp) fills for every token: use unit block or attn")
     n_routed = len(cfg.routed_layer_ids)
     routed = sum(int(c.sum()) for c in cache.routed_counts().values())
     # fraction routed among the decoded tokens only (the prefill is not timed)

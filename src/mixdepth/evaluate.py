@@ -65,6 +65,8 @@ def run_eval(checkpoint: str | Path, *, data: str | None = None, batches: int = 
         per routed layer), `tokens`, plus `checkpoint`, `router`, `capacity`, `note`. The causal
         entries are None for routers with no causal rule (random).
     """
+    if fraction is not None and not 0 <= fraction <= 1:
+        raise ValueError(f"--fraction must be in [0, 1], got {fraction}")
     if batches < 1 or batch_size < 1:
         raise ValueError(f"batches and batch_size must be >= 1, got {batches} and {batch_size}")
     device = resolve_device(device)
@@ -85,8 +87,9 @@ def run_eval(checkpoint: str | Path, *, data: str | None = None, batches: int = 
     starts = tokens.eval_offsets(T, batches * batch_size)
 
     causal_ok = model.can_decode_causally
-    if fraction is not None and not 0 <= fraction <= 1:
-        raise ValueError(f"--fraction must be in [0, 1], got {fraction}")
+    if fraction is not None and not causal_ok:
+        raise ValueError(f"--fraction sets the causal operating point, and {cfg.routing.router} routing "
+                         "has no causal rule")
     thresholds = model.causal_thresholds(fraction) if fraction is not None and causal_ok else None
     sums = {"topk": 0.0, "causal": 0.0}
     frac = {"topk": [], "causal": []}

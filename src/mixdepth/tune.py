@@ -101,11 +101,16 @@ class TuneConfig(_Serializable):
         bad = [u for u in self.units if u not in UNITS]
         if not self.units or bad:
             raise ValueError(f"tune units must be some of {UNITS}, got {self.units}")
+        if len(set(self.units)) != len(self.units):
+            raise ValueError(f"tune units must not repeat, got {self.units}")
         for name in ("steps", "batch_size", "seq_len", "sensitivity_windows", "calibration_windows",
                      "eval_windows", "prompt_len", "new_tokens", "rounds"):
             v = getattr(self, name)
-            if not isinstance(v, int) or v < (0 if name == "steps" else 1):
-                raise ValueError(f"tune {name} must be a positive integer, got {v}")
+            low = 0 if name == "steps" else 1
+            if not isinstance(v, int) or v < low:
+                raise ValueError(f"tune {name} must be an integer >= {low}, got {v}")
+        if not isinstance(self.lr, (int, float)) or not self.lr > 0 or math.isinf(self.lr):
+            raise ValueError(f"tune lr must be a number > 0, got {self.lr}")
         if not isinstance(self.routed, int) or self.routed < 0:
             raise ValueError(f"tune routed must be an integer >= 0, got {self.routed}")
         for name in ("train_fractions", "dial"):
@@ -131,14 +136,33 @@ def with_config(source: MoDTransformer, cfg: ModelConfig, seed: int = 0) -> MoDT
     with torch.device("meta"):
         model = MoDTransformer(cfg)
     model.load_state_dict(trunk_tensors(source), strict=False, assign=True)
-    torch.manual_seed(seed)
-    model.materialize(source.embed_tokens.weight.device)
+    with torch.random.fork_rng(devices=[]):  # the caller's random stream is left as it was
+        torch.manual_seed(seed)
+        model.materialize(source.embed_tokens.weight.device)
     return model.eval()
 
 
+def load_routing(model: MoDTransformer, ckpt: str | Path) -> None:
+    """Load only the routers, predictors and calibration of a tuned checkpoint into `model`, whose
+    trunk tensors (shared with the source) are left untouched."""
+    from safetensors.torch import load_file
+
+    from .checkpoint import verify_checkpoint
+
+    path = verify_checkpoint(ckpt) / "model.safetensors"
+    mine = {k for k in model.state_dict() if k not in trunk_tensors(model)}
+    saved = {k: v for k, v in load_file(path).items() if k in mine}
+    if set(saved) != mine:
+        missing = sorted(mine - set(saved))
+        raise ValueError(f"{path} lacks {missing[0]}: not a checkpoint tuned with these settings")
+    model.load_state_dict(saved, strict=False)
+
+
 def dense_source(model: MoDTransformer) -> MoDTransformer:
-    """The converted model without routing: the pretrained network itself."""
-    return with_config(model, model.cfg.with_routing(router="none", routed_layers=None))
+    """The converted model without routing: the pretrained network itself (frozen)."""
+    source = with_config(model, model.cfg.with_routing(router="none", routed_layers=None))
+    source.requires_grad_(False)
+    return source
 
 
 def drop_layers(source: MoDTransformer, drop: list[int]) -> MoDTransformer:
@@ -256,6 +280,9 @@ def tune_routers(model: MoDTransformer, source: MoDTransformer, batches: Callabl
     Returns the log, one dict per step."""
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    if not fractions:
+        raise ValueError("tune_routers needs at least one routed fraction")
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
     params = freeze_trunk(model)
     if not params:
         raise ValueError("the model has no router parameters to tune")
@@ -288,8 +315,8 @@ def tune_routers(model: MoDTransformer, source: MoDTransformer, batches: Callabl
     finally:
         rc.capacity = capacity
         model.eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
+        for name, p in model.named_parameters():
+            p.requires_grad_(flags[name])
     return history
 
 
@@ -335,6 +362,7 @@ class Point:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+@torch.no_grad()
 def measure_curve(points: list[Point], source: MoDTransformer, windows, prompts: list[list[int]],
                   batch_sizes: tuple[int, ...], new_tokens: int, rounds: int, context: int) -> list[dict[str, Any]]:
     """Quality, FLOPs and decode speed of every point; timings alternate between the points within
@@ -431,9 +459,11 @@ def tune(ckpt: str | Path, out: str | Path, tc: TuneConfig, *, curve: bool = Tru
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     settings = out / "tune.json"
-    if settings.exists() and read_json_file(settings) != tc.to_dict():
-        raise ValueError(f"{settings} holds other settings: use a new --out, or the same settings to resume")
-    write_json_atomic(settings, tc.to_dict())
+    mine = {"source": str(Path(ckpt).resolve()), **tc.to_dict()}
+    if settings.exists() and read_json_file(settings) != mine:
+        raise ValueError(f"{settings} holds another source or other settings: use a new --out, or the same "
+                         "source and settings to resume")
+    write_json_atomic(settings, mine)
     torch.manual_seed(tc.seed)
     loaded = load_model(ckpt, "cpu")
     tokenizer = load_checkpoint_tokenizer(ckpt)
@@ -476,10 +506,10 @@ def tune(ckpt: str | Path, out: str | Path, tc: TuneConfig, *, curve: bool = Tru
         mcfg = dataclasses.replace(cfg, routing=routing)
         if _checkpoint_ready(path):
             model = with_config(source, mcfg)
-            from .checkpoint import load_weights
-
-            load_weights(model, path)
+            load_routing(model, path)
             models[unit] = model.eval()
+            for _ in range(tc.steps):  # the batches this unit drew, so the next unit draws what a fresh run does
+                tokens.get_batch("train", tc.batch_size, T, gen)
             log.info("mod-%s: tuned checkpoint found, not redone", unit)
             continue
         model = with_config(source, mcfg, seed=tc.seed)

@@ -199,16 +199,22 @@ class MoDBlock(Block):
         chosen = s > cut
         if valid is not None:
             chosen = chosen & valid
-        width = live.std().clamp_min(1e-6)
+        width = live.std(unbiased=False).clamp_min(1e-6)
         soft = torch.sigmoid((score - cut) / width)
         gate = chosen.float() + soft - soft.detach()  # (B, T): value 0 or 1
         cos, sin = rope(pos)
         T = x.shape[1]
         eye = torch.eye(T, dtype=torch.bool, device=x.device)
         keys = (chosen[:, None, None, :] | eye) & torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+        gate = gate * self.router.gate(r)  # the gate sampling applies (1 for straight-through)
         out = x + self.routed_delta(x, cos, sin, mask=keys) * gate[..., None].to(x.dtype)  # keys: (B, 1, T, T)
-        losses, _ = self.router.topk_terms(x, r, chosen.float())
-        return out, {"losses": losses, "chosen": chosen, "frac": chosen.float().mean()}
+        if valid is None:
+            losses, _ = self.router.topk_terms(x, r, chosen.float())
+            frac = chosen.float().mean()
+        else:  # padding neither trains the router nor counts
+            losses, _ = self.router.topk_terms(x[valid][None], r[valid][None], chosen[valid][None].float())
+            frac = chosen.sum() / valid.sum().clamp(min=1)
+        return out, {"losses": losses, "chosen": chosen, "frac": frac}
 
     def _route(self, x, pos, rope, mode, cache, valid, want_scores, threshold, calibrate):
         B, T, D = x.shape

@@ -179,8 +179,10 @@ class MoDTransformer(nn.Module):
         mode = mode or cfg.routing.mode
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if calibrate is not None and (mode != "causal" or cache is not None or thresholds):
-            raise ValueError("calibrate runs in causal mode without a cache or threshold overrides")
+        if calibrate is not None and (mode != "causal" or cache is not None or thresholds or relax is not None):
+            raise ValueError("calibrate runs in causal mode without a cache, threshold overrides or relax")
+        if calibrate is not None and not 0 <= calibrate <= 1:
+            raise ValueError(f"calibrate is a routed fraction in [0, 1], got {calibrate}")
         if relax is not None and (cache is not None or not 0 <= relax <= 1):
             raise ValueError(f"relax is a routed fraction in [0, 1] for a forward without a cache, got {relax}")
         if input_ids.dim() != 2:
@@ -299,6 +301,8 @@ class MoDTransformer(nn.Module):
         for f in [fraction, *points]:
             if not 0 <= f <= 1:
                 raise ValueError(f"routed fraction must be in [0, 1], got {f}")
+        if not self.routed_layers:
+            return []
         if points:
             tables = []
             for f in points:
