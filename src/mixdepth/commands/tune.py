@@ -30,6 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=_D.lr, help=f"router learning rate (default: {_D.lr})")
     parser.add_argument("--train-fractions", default=",".join(map(str, _D.train_fractions)),
                         help="routed fractions of the training steps, in turn (default: 0.25,0.5,0.75)")
+    parser.add_argument("--objective", default=_D.objective, choices=("relaxed", "topk"),
+                        help="router training: relaxed (every token's straight-through gradient, default) or topk")
     parser.add_argument("--causal-method", default=_D.causal_method, choices=("aux_loss", "predictor"),
                         help="the sampling-time decision (default: aux_loss, the router's own score)")
     parser.add_argument("--dial", default=",".join(map(str, _D.dial)),
@@ -51,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
         units=[u.strip() for u in args.units.split(",") if u.strip()], routed=args.routed, steps=args.steps,
         batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
         train_fractions=number_list(args.train_fractions, float, "--train-fractions"),
-        causal_method=args.causal_method, dial=number_list(args.dial, float, "--dial"), data=args.data,
+        objective=args.objective, causal_method=args.causal_method, dial=number_list(args.dial, float, "--dial"),
+        data=args.data,
         eval_windows=args.eval_windows, new_tokens=args.new_tokens, rounds=args.rounds, seed=args.seed)
     batch_sizes = tuple(number_list(args.batch_sizes, int, "--batch-sizes"))
     r = tune(args.checkpoint, args.out, tc, curve=not args.no_curve, batch_sizes=batch_sizes)
