@@ -133,12 +133,18 @@ def trunk_tensors(model: MoDTransformer) -> dict[str, torch.Tensor]:
 def with_config(source: MoDTransformer, cfg: ModelConfig, seed: int = 0) -> MoDTransformer:
     """A model of `cfg` (the source's architecture, other routing) holding the source's trunk
     tensors themselves (no copy), with fresh routers from `seed`."""
+    return _holding(cfg, trunk_tensors(source), source.embed_tokens.weight.device, seed)
+
+
+def _holding(cfg: ModelConfig, tensors: dict[str, torch.Tensor], device, seed: int = 0) -> MoDTransformer:
+    """A model of `cfg` whose weights are `tensors` themselves (assigned on the meta device, as
+    `hf` builds converted models), its other parts fresh from `seed`."""
     with torch.device("meta"):
         model = MoDTransformer(cfg)
-    model.load_state_dict(trunk_tensors(source), strict=False, assign=True)
+    model.load_state_dict(tensors, strict=False, assign=True)
     with torch.random.fork_rng(devices=[]):  # the caller's random stream is left as it was
         torch.manual_seed(seed)
-        model.materialize(source.embed_tokens.weight.device)
+        model.materialize(device)
     return model.eval()
 
 
@@ -181,11 +187,7 @@ def drop_layers(source: MoDTransformer, drop: list[int]) -> MoDTransformer:
                 continue
             k = f"layers.{keep.index(int(i))}.{rest}"
         tensors[k] = v
-    with torch.device("meta"):
-        model = MoDTransformer(small)
-    model.load_state_dict(tensors, strict=False, assign=True)
-    model.materialize(source.embed_tokens.weight.device)
-    return model.eval()
+    return _holding(small, tensors, source.embed_tokens.weight.device)
 
 
 # ---- sensitivity --------------------------------------------------------------------------------
