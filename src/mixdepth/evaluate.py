@@ -90,7 +90,7 @@ def run_eval(checkpoint: str | Path, *, data: str | None = None, batches: int = 
     if fraction is not None and not causal_ok:
         raise ValueError(f"--fraction sets the causal operating point, and {cfg.routing.router} routing "
                          "has no causal rule")
-    thresholds = model.causal_thresholds(fraction) if fraction is not None and causal_ok else None
+    thresholds = model.causal_thresholds(fraction) if fraction is not None else None
     sums = {"topk": 0.0, "causal": 0.0}
     frac = {"topk": [], "causal": []}
     acc: list[list[float]] = []

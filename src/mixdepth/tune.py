@@ -124,10 +124,14 @@ class TuneConfig(_Serializable):
 
 
 # ---- models that share the source's trunk ---------------------------------------------------------
+def _is_routing_state(key: str) -> bool:
+    """A router's, predictor's or calibration buffer's state-dict key (not a pretrained weight)."""
+    return is_routing_parameter(key) or key.endswith(("causal_threshold", "threshold_table"))
+
+
 def trunk_tensors(model: MoDTransformer) -> dict[str, torch.Tensor]:
     """The pretrained weights of a model (no routers, predictors or calibration buffers)."""
-    return {k: v for k, v in model.state_dict().items()
-            if not is_routing_parameter(k) and not k.endswith(("causal_threshold", "threshold_table"))}
+    return {k: v for k, v in model.state_dict().items() if not _is_routing_state(k)}
 
 
 def with_config(source: MoDTransformer, cfg: ModelConfig, seed: int = 0) -> MoDTransformer:
@@ -156,7 +160,7 @@ def load_routing(model: MoDTransformer, ckpt: str | Path) -> None:
     from .checkpoint import verify_checkpoint
 
     path = verify_checkpoint(ckpt) / "model.safetensors"
-    mine = {k for k in model.state_dict() if k not in trunk_tensors(model)}
+    mine = {k for k in model.state_dict() if _is_routing_state(k)}
     saved = {k: v for k, v in load_file(path).items() if k in mine}
     if set(saved) != mine:
         missing = sorted(mine - set(saved))
@@ -343,13 +347,11 @@ def heldout_quality(model: MoDTransformer, ref_logp: list[torch.Tensor], windows
     return {"ppl": math.exp(nll / n), "kl": kl / n, "routed": statistics.mean(routed) if routed else 1.0}
 
 
-def decode_speed(model: MoDTransformer, prompts: list[list[int]], new_tokens: int, fraction: float | None):
-    """Decode tokens/s of one greedy generation (all rows), and its decode routed fraction."""
+def decode_speed(model: MoDTransformer, prompts: list[list[int]], new_tokens: int, fraction: float | None) -> float:
+    """Decode tokens/s of one greedy generation (all rows)."""
     from .generate import generate
 
-    res = generate(model, prompts, max_new_tokens=new_tokens, fraction=fraction).run()
-    fr = res.decode_routed_fraction
-    return res.decode_tokens_per_s, (statistics.mean(fr.values()) if fr else 1.0)
+    return generate(model, prompts, max_new_tokens=new_tokens, fraction=fraction).run().decode_tokens_per_s
 
 
 @dataclass
@@ -385,8 +387,7 @@ def measure_curve(points: list[Point], source: MoDTransformer, windows, prompts:
             decode_speed(p.model, rows_prompts, 4, p.gen_fraction)
         for r in range(rounds):
             for j, p in enumerate(points):
-                tps, _ = decode_speed(p.model, rows_prompts, new_tokens, p.gen_fraction)
-                times.setdefault((b, j), []).append(tps)
+                times.setdefault((b, j), []).append(decode_speed(p.model, rows_prompts, new_tokens, p.gen_fraction))
             log.info("decode batch %d round %d/%d done", b, r + 1, rounds)
     base = next(i for i, p in enumerate(points) if p.variant == "source")
     for b in batch_sizes:
