@@ -43,8 +43,8 @@ def test_memory_counts_fewer_saved_activations(cfg):
     assert 0 < rec["mod_activation_bytes"] < rec["dense_activation_bytes"]
 
 
-def test_sweep_has_one_record_per_variant(cfg):
-    recs = bench.bench_sweep(cfg, 1, 32, [1.0, 0.25], [1, 2], iters=1, **CPU)
+def test_capacities_has_one_record_per_variant(cfg):
+    recs = bench.bench_capacities(cfg, 1, 32, [1.0, 0.25], [1, 2], iters=1, **CPU)
     assert [r["case"] for r in recs] == ["train-C1-every1", "train-C0.25-every1", "train-C1-every2",
                                          "train-C0.25-every2"]
     ideal = {r["case"]: r["ideal_ratio"] for r in recs}
@@ -71,7 +71,7 @@ def test_cli_refuses_dense_only(capsys):
 @pytest.mark.parametrize("flag, value", [("--decode-batches", "1,x"), ("--capacities", "0.5,abc"),
                                          ("--route-every", "0")])
 def test_cli_bad_number_lists_name_the_flag(capsys, flag, value):
-    what = "decode" if flag == "--decode-batches" else "sweep"
+    what = "decode" if flag == "--decode-batches" else "capacities"
     with pytest.raises(SystemExit) as e:
         main(["bench", what, "--preset", "debug", flag, value])
     assert e.value.code == 2

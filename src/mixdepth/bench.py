@@ -130,7 +130,7 @@ def bench_train(cfg: ModelConfig, batch_size: int, seq_len: int, *, device, dtyp
     return rec
 
 
-def bench_sweep(cfg: ModelConfig, batch_size: int, seq_len: int, capacities: list[float], route_every: list[int],
+def bench_capacities(cfg: ModelConfig, batch_size: int, seq_len: int, capacities: list[float], route_every: list[int],
                 *, device, dtype, warmup=1, iters=3) -> list[dict]:
     """Training-step speed for each (capacity, route_every), each timed in alternation with the
     dense twin (re-timed for every variant, so each ratio comes from one paired measurement)."""

@@ -16,7 +16,7 @@ from ..runtime import resolve_device, steady_allocator, torch_dtype
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("what", nargs="?", default="all",
-                        choices=["train", "prefill", "decode", "memory", "sweep", "moe", "all"],
+                        choices=["train", "prefill", "decode", "memory", "capacities", "moe", "all"],
                         help="which benchmark to run (default: all = train, prefill, decode, memory; moe = train "
                              "and decode of MoE, staged and integrated MoDE vs dense of the same active size)")
     add_model_args(parser, default_preset="bench")
@@ -26,8 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--context", type=int, default=512, help="tokens in the cache before decoding")
     parser.add_argument("--new-tokens", type=int, default=64, help="decode steps timed per round")
     parser.add_argument("--rounds", type=int, default=7, help="decode: timed rounds per model (median)")
-    parser.add_argument("--capacities", default="1.0,0.5,0.25,0.125", help="sweep: comma-separated capacities")
-    parser.add_argument("--route-every", default="1,2", help="sweep: comma-separated route_every values")
+    parser.add_argument("--capacities", default="1.0,0.5,0.25,0.125", help="capacities: comma-separated capacities")
+    parser.add_argument("--route-every", default="1,2", help="capacities: comma-separated route_every values")
     parser.add_argument("--iters", type=int, default=5, help="timed training or prefill iterations per model (median)")
     add_device_args(parser)
     parser.add_argument("--compile", action="store_true", help="torch.compile the models (train and prefill)")
@@ -76,8 +76,8 @@ def run(args: argparse.Namespace) -> int:
         elif w == "prefill":
             recs = [bench.bench_prefill(cfg, args.batch_size, args.seq_len, iters=max(args.iters, 3),
                                         compile=args.compile, **kw)]
-        elif w == "sweep":
-            recs = bench.bench_sweep(cfg, args.batch_size, args.seq_len,
+        elif w == "capacities":
+            recs = bench.bench_capacities(cfg, args.batch_size, args.seq_len,
                                      number_list(args.capacities, float, "--capacities"),
                                      number_list(args.route_every, int, "--route-every"), iters=args.iters, **kw)
         elif w == "moe":
