@@ -162,8 +162,17 @@ def bench_prefill(cfg: ModelConfig, batch_size: int, seq_len: int, *, device, dt
 
 @torch.no_grad()
 def bench_decode(cfg: ModelConfig, batch_size: int, context: int, new_tokens: int, *, device, dtype,
-                 rounds: int = 3) -> dict:
-    """Decode `new_tokens` steps after a `context`-token prefill; median over `rounds` alternations."""
+                 rounds: int = 3, pair=None, stream: torch.Tensor | None = None) -> dict:
+    """Decode `new_tokens` steps after a `context`-token prefill; median over `rounds` alternations.
+
+    `pair` (dense, mod) and `stream` (batch x (context + new_tokens) token ids) time given models on
+    given text, e.g. a trained model at its own calibrated thresholds (the sweep); by default a random
+    pair is built and calibrated on a random stream to route `capacity`.
+    """
+    if pair is not None:
+        dense, mod = pair
+        return _time_decode(cfg, dense, mod, stream, batch_size, context, new_tokens, device=device, dtype=dtype,
+                            rounds=rounds)
     dense, mod = build_pair(cfg, device, dtype)
     g = torch.Generator().manual_seed(1)
     # Decode steps are fed a fixed random token stream (teacher forcing) rather than the argmax of a
@@ -175,6 +184,13 @@ def bench_decode(cfg: ModelConfig, batch_size: int, context: int, new_tokens: in
     mod.calibrate_causal(stream, cfg.routing.capacity)
     if cfg.moe.noop:  # integrated MoDE: the no-op share fixed the same way
         mod.calibrate_noop(stream)
+    return _time_decode(cfg, dense, mod, stream, batch_size, context, new_tokens, device=device, dtype=dtype,
+                        rounds=rounds)
+
+
+@torch.no_grad()
+def _time_decode(cfg: ModelConfig, dense, mod, stream: torch.Tensor, batch_size: int, context: int, new_tokens: int,
+                 *, device, dtype, rounds: int) -> dict:
     prompt = stream[:, :context]
     S = context + new_tokens
     caches = {name: m.make_cache(batch_size, S, dtype=dtype, device=device) for name, m in (("dense", dense),

@@ -29,6 +29,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("mixdepth.commands.export", "write a checkpoint as a Hugging Face folder (routing beside it)"),
     "plot": ("mixdepth.commands.plot", "loss curves and routing maps as PNG files"),
     "demo": ("mixdepth.commands.demo", "train dense and MoD at equal FLOPs, evaluate, report"),
+    "sweep": ("mixdepth.commands.sweep",
+              "isoFLOP sweep: variants x sizes x budgets x seeds, resumable, -j N; table and the paper's plots"),
 }
 
 
