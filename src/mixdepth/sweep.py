@@ -139,7 +139,8 @@ class SweepConfig:
         self.depths = sorted(set(self.depths))
         check(bool(self.seeds), "--seeds must name at least one seed")
         check(bool(self.budgets) and all(isinstance(b, (int, float)) and math.isfinite(b) and b > 0
-                                         for b in self.budgets), f"--budgets must be positive FLOPs, got {self.budgets}")
+                                         for b in self.budgets),
+              f"--budgets must be positive FLOPs, got {self.budgets}")
         self.budgets = sorted(set(float(b) for b in self.budgets))
         bad = [b for b in self.ablation_budgets if b not in self.budgets]
         check(not bad, f"--ablation-budgets must be among --budgets {self.budgets}, got {bad[:1]}")
@@ -236,7 +237,8 @@ class RunSpec:
 
     @property
     def name(self) -> str:
-        return f"{self.variant}-d{self.depth}-b{self.budget:.3g}-s{self.seed}".replace("+", "")
+        budget = re.sub(r"e\+?0*(\d)", r"e\1", f"{self.budget:.3g}")  # 6e9, 1.5e13
+        return f"{self.variant}-d{self.depth}-b{budget}-s{self.seed}"
 
 
 def plan(cfg: SweepConfig) -> list[RunSpec]:
@@ -277,14 +279,14 @@ def check_plan(cfg: SweepConfig, specs: list[RunSpec]) -> dict[str, Any]:
         except ValueError as e:
             raise ValueError(f"{spec.name}: {e}") from None
         if parse_variant(spec.variant)[0] in ROUTED_KINDS and not tc.model.routed_layer_ids:
-            raise ValueError(f"{spec.variant} routes no layer at depth {spec.depth} (route_every "
-                             f"{tc.model.routing.route_every}, the first routed layer is {tc.model.routing.route_every - 1}): "
-                             "raise --depths")
+            every = tc.model.routing.route_every
+            raise ValueError(f"{spec.variant} routes no layer at depth {spec.depth} (route_every {every}, the first "
+                             f"routed layer is {every - 1}): raise --depths")
         step = train_step_flops(tc.model, tc.context, tc.batch_size * tc.grad_accum)
         if spec.budget < step:
-            raise ValueError(f"budget {spec.budget:.3g} FLOPs is less than one optimizer step of {spec.variant} at depth "
-                             f"{spec.depth} ({step:.3g} FLOPs for {tc.batch_size} x {tc.context} tokens): raise "
-                             "--budgets or lower --depths / --batch-size")
+            raise ValueError(f"budget {spec.budget:.3g} FLOPs is less than one optimizer step of {spec.variant} at "
+                             f"depth {spec.depth} ({step:.3g} FLOPs for {tc.batch_size} x {tc.context} tokens): "
+                             "raise --budgets or lower --depths / --batch-size")
         tcs[spec.name] = tc
     return tcs
 
@@ -335,8 +337,19 @@ def run_one(cfg: SweepConfig, spec: RunSpec, tc=None) -> dict[str, Any]:
 
 def _worker(spec_file: str) -> int:
     """`python -m mixdepth.sweep SPEC.json`: one run in its own process (what `jobs` > 1 starts)."""
+    import threading
+
     import torch
 
+    parent = os.getppid()
+
+    def orphaned() -> None:  # the sweep was killed: stop too (the run resumes from its checkpoint next time)
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                os._exit(3)
+
+    threading.Thread(target=orphaned, daemon=True).start()
     job = read_json_file(spec_file, "sweep job")
     if job.get("threads"):
         torch.set_num_threads(int(job["threads"]))
@@ -627,8 +640,8 @@ def findings(rows: list[dict[str, Any]]) -> list[str]:
                     se_s = f", standard error {se:.4f}" if se is not None else ""
                     verdict = {"higher": "agrees with the paper (random worse)",
                                "lower": "disagrees with the paper (random better)"}.get(word, word)
-                    out.append(f"Budget {b:.3g}, depth {rnd['depth']}: random routing {rnd['loss_topk']:.4f} vs learned "
-                               f"{mod['loss_topk']:.4f}: {diff:+.4f}{se_s}; {verdict}.")
+                    out.append(f"Budget {b:.3g}, depth {rnd['depth']}: random routing {rnd['loss_topk']:.4f} vs "
+                               f"learned {mod['loss_topk']:.4f}: {diff:+.4f}{se_s}; {verdict}.")
     top = budgets[-1]
     d = _best(rows, "dense", top)
     if d:
