@@ -4,7 +4,7 @@ PY ?= python3
 VENV := .venv
 TORCH ?= torch==2.13.0
 
-.PHONY: venv test test-slow test-smollm demo lint bench clean smollm-curve
+.PHONY: venv test test-slow test-smollm demo lint bench clean smollm-curve sweep
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -34,6 +34,10 @@ SMOLLM_GGUF = $(shell $(VENV)/bin/python -c "import importlib.util, os; print(os
 smollm-curve: venv
 	test -d runs/smollm || $(VENV)/bin/mixdepth convert $(SMOLLM_GGUF) --out runs/smollm --routing.router none
 	$(VENV)/bin/mixdepth tune runs/smollm --out runs/smollm-tuned
+
+# issue 18's isoFLOP sweep, the README's Results (about 70 minutes on 2 CPU cores; rerunning resumes)
+sweep: venv
+	$(VENV)/bin/mixdepth sweep --preset cpu
 
 lint: venv
 	$(VENV)/bin/ruff check src tests
