@@ -32,9 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import distributed, runs
 from . import flops as flops_mod
-from . import runs
-from . import distributed
 from .checkpoint import (
     checkpoint_name,
     is_routing_parameter,
