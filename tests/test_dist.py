@@ -77,10 +77,11 @@ def reference(corpus, tmp_path_factory):
     return tmp / "single"
 
 
-@pytest.mark.parametrize("mode, rel", [("ddp", 1e-5), ("fsdp", 1e-4)])
-def test_two_ranks_follow_the_single_process_curve(tmp_path, corpus, reference, mode, rel):
+@pytest.mark.parametrize("mode, rel, extra", [("ddp", 1e-5, []), ("fsdp", 1e-4, []),
+                                              ("fsdp", 1e-4, ["--train.activation_checkpointing", "true"])])
+def test_two_ranks_follow_the_single_process_curve(tmp_path, corpus, reference, mode, rel, extra):
     out = tmp_path / mode
-    p = _torchrun(tmp_path, "train", *_args(corpus, out, "--train.dist", mode))
+    p = _torchrun(tmp_path, "train", *_args(corpus, out, "--train.dist", mode, *extra))
     ref, got = _losses(reference), _losses(out)
     assert sorted(got) == sorted(ref) == list(range(1, STEPS + 1))
     for step in ref:

@@ -70,9 +70,9 @@ def init_from_env(device: torch.device, timeout_s: float = 600) -> Dist:
         if device.type == "cuda":
             torch.cuda.set_device(local)
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
-        log.info("rank %d of %d joined (%s)", rank, world, backend)
-        if rank:  # rank 0 speaks for the job; the others only warn
-            log.setLevel(max(log.level, logging.WARNING))
+    if rank:  # rank 0 speaks for the job; the others only warn
+        log.setLevel(max(log.level, logging.WARNING))
+    log.info("%d ranks joined (%s)", world, "nccl" if device.type == "cuda" else "gloo")
     return Dist(rank=rank, world=world, local_rank=local)
 
 
