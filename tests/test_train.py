@@ -318,10 +318,10 @@ def test_grad_accumulation_averages_micro_batches(tmp_path, monkeypatch):
     g = torch.Generator().manual_seed(0)
     fixed = torch.randint(0, 256, (2, 33), generator=g)
 
-    def same_batch(self, split, batch_size, seq_len, generator, device="cpu"):
+    def same_batch(self, split, starts, seq_len, device="cpu"):
         return fixed[:, :-1].clone(), fixed[:, 1:].clone()
 
-    monkeypatch.setattr(TokenData, "get_batch", same_batch)
+    monkeypatch.setattr(TokenData, "batch_at", same_batch)
     rows = {}
     for accum in (1, 3):
         cfg = _cfg(tmp_path, max_steps=2, grad_accum=accum, eval_every=0, out_dir=str(tmp_path / f"a{accum}"))

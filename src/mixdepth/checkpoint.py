@@ -90,42 +90,55 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 # ---- save -----------------------------------------------------------------------------------------
-def _model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    sd = model.state_dict()
+def _model_tensors(model: torch.nn.Module, sd: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    sd = dict(model.state_dict() if sd is None else sd)
     cfg = getattr(model, "cfg", None)
     if cfg is not None and cfg.tie_embeddings:
         sd.pop("lm_head.weight", None)  # shares memory with embed_tokens.weight; re-tied on load
     return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
 
 
-def _optimizer_payload(model: torch.nn.Module, optimizer: torch.optim.Optimizer
+def _optimizer_payload(model: torch.nn.Module, optimizer: torch.optim.Optimizer, by_name: dict[str, Any] | None = None
                        ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    sd = optimizer.state_dict()
+    """The optimizer state flattened: tensors `state.<index>.<key>` (index: the parameter's position over
+    the groups) and JSON (groups with their parameter names, scalar state). `by_name`: a full state dict
+    keyed by parameter name instead (what FSDP gathers), written in the same form."""
+    if by_name is None:
+        sd = optimizer.state_dict()
+        names = {id(p): n for n, p in model.named_parameters()}
+        group_names = [[names.get(id(p), "?") for p in g["params"]] for g in optimizer.param_groups]
+        state = sd["state"]
+    else:
+        sd = by_name
+        group_names = [list(g["params"]) for g in sd["param_groups"]]
+        index = {n: i for i, n in enumerate(n for g in group_names for n in g)}
+        state = {index[n]: st for n, st in sd["state"].items()}
     tensors, scalars = {}, {}
-    for idx, st in sd["state"].items():
+    for idx, st in state.items():
         for key, val in st.items():
             if torch.is_tensor(val):
                 tensors[f"state.{idx}.{key}"] = val.detach().to("cpu").contiguous()
             else:
                 scalars[f"{idx}.{key}"] = val
-    names = {id(p): n for n, p in model.named_parameters()}
-    groups = []
-    for g_sd, g in zip(sd["param_groups"], optimizer.param_groups):
-        groups.append({k: (list(v) if isinstance(v, tuple) else v) for k, v in g_sd.items()}
-                      | {"param_names": [names.get(id(p), "?") for p in g["params"]]})
+    groups, first = [], 0
+    for g_sd, names in zip(sd["param_groups"], group_names):  # params: indices over all groups, as torch's
+        groups.append({k: (list(v) if isinstance(v, tuple) else v) for k, v in g_sd.items() if k != "params"}
+                      | {"params": list(range(first, first + len(names))), "param_names": names})
+        first += len(names)
     return tensors, {"type": type(optimizer).__name__, "param_groups": groups, "scalar_state": scalars}
 
 
-def _write_folder(tmp: Path, model, optimizer, trainer_state, tokenizer) -> None:
+def _write_folder(tmp: Path, model, optimizer, trainer_state, tokenizer, model_state=None,
+                  optimizer_state=None) -> None:
     tmp.mkdir(parents=True)
     written = []
     cfg: ModelConfig = model.cfg
     (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
     written.append("config.json")
-    save_file(_model_tensors(model), tmp / "model.safetensors", metadata={"format": FORMAT})
+    save_file(_model_tensors(model, model_state), tmp / "model.safetensors", metadata={"format": FORMAT})
     written.append("model.safetensors")
     if optimizer is not None:
-        tensors, info = _optimizer_payload(model, optimizer)
+        tensors, info = _optimizer_payload(model, optimizer, optimizer_state)
         save_file(tensors, tmp / "optimizer.safetensors", metadata={"format": FORMAT})
         (tmp / "optimizer.json").write_text(json.dumps(info, indent=1) + "\n")
         written += ["optimizer.safetensors", "optimizer.json"]
@@ -147,7 +160,8 @@ def _write_folder(tmp: Path, model, optimizer, trainer_state, tokenizer) -> None
 
 def save_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
                     trainer_state: dict[str, Any] | None = None, tokenizer: Any = None, *,
-                    keep_last: int | None = None) -> Path:
+                    keep_last: int | None = None, model_state: dict[str, torch.Tensor] | None = None,
+                    optimizer_state: dict[str, Any] | None = None) -> Path:
     """Write a checkpoint folder atomically, point `<run>/latest` at it, and prune old ones.
 
     Args:
@@ -158,6 +172,8 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
         trainer_state: JSON-able dict (step, tokens, RNG states, ...) saved as `trainer.json`.
         tokenizer: anything with `save(folder)`.
         keep_last: keep this many newest checkpoints of the run (None or 0: keep all).
+        model_state, optimizer_state: full state dicts to write instead of the model's and optimizer's
+            own (a sharded model's, gathered by `distributed.full_state`; optimizer state keyed by name).
 
     Returns:
         The checkpoint folder.
@@ -168,7 +184,7 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
     if tmp.exists():
         shutil.rmtree(tmp)  # left by a crash mid-write: never a valid checkpoint
     try:
-        _write_folder(tmp, model, optimizer, trainer_state, tokenizer)
+        _write_folder(tmp, model, optimizer, trainer_state, tokenizer, model_state, optimizer_state)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -317,14 +333,15 @@ def _first_difference(a: dict, b: dict, prefix: str = "") -> str:
     return ""
 
 
-def _load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ckpt: Path) -> None:
+def load_optimizer_state(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Load a checkpoint's optimizer state into `optimizer` (over `model`'s parameters)."""
+    _load_optimizer(model, optimizer, verify_checkpoint(path))
+
+
+def _saved_optimizer_state(ckpt: Path) -> tuple[dict[int, dict[str, Any]], list[dict[str, Any]]]:
+    """The saved optimizer state by parameter index, and the saved param groups (with `param_names`)."""
     info = read_json_file(ckpt / "optimizer.json", "checkpoint file")
     tensors, _ = _load_safetensors(ckpt / "optimizer.safetensors")
-    names = {id(p): n for n, p in model.named_parameters()}
-    groups = info.get("param_groups", [])
-    now = [[names.get(id(p), "?") for p in g["params"]] for g in optimizer.param_groups]
-    if [g.get("param_names") for g in groups] != now:
-        raise ValueError(f"{ckpt / 'optimizer.json'} does not match the model's parameters (different config?)")
     state: dict[int, dict[str, Any]] = {}
     for key, val in tensors.items():
         _, idx, name = key.split(".", 2)
@@ -332,6 +349,30 @@ def _load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ck
     for key, val in info.get("scalar_state", {}).items():
         idx, name = key.split(".", 1)
         state.setdefault(int(idx), {})[name] = val
+    return state, info.get("param_groups", [])
+
+
+def optimizer_state_by_name(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's optimizer state as a full state dict keyed by parameter name (what
+    `torch.distributed.checkpoint.state_dict.set_optimizer_state_dict` takes to shard it)."""
+    ckpt = verify_checkpoint(path)
+    state, groups = _saved_optimizer_state(ckpt)
+    names = [n for g in groups for n in g.get("param_names", [])]
+    out_groups = []
+    for g in groups:
+        g = {k: v for k, v in g.items() if k != "param_names"} | {"params": list(g.get("param_names", []))}
+        if isinstance(g.get("betas"), list):
+            g["betas"] = tuple(g["betas"])
+        out_groups.append(g)
+    return {"state": {names[i]: st for i, st in state.items()}, "param_groups": out_groups}
+
+
+def _load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ckpt: Path) -> None:
+    state, groups = _saved_optimizer_state(ckpt)
+    names = {id(p): n for n, p in model.named_parameters()}
+    now = [[names.get(id(p), "?") for p in g["params"]] for g in optimizer.param_groups]
+    if [g.get("param_names") for g in groups] != now:
+        raise ValueError(f"{ckpt / 'optimizer.json'} does not match the model's parameters (different config?)")
     param_groups = []
     for g in groups:
         g = {k: v for k, v in g.items() if k != "param_names"}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from .flags import Parser
@@ -85,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         return int(importlib.import_module(COMMANDS[args.command][0]).run(args) or 0)
     except (ValueError, OSError) as e:  # OSError: an unwritable output path, a full disk, ...
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if os.environ.get("WORLD_SIZE", "1") not in ("", "1"):  # under torchrun: which rank failed
+            msg = f"rank {os.environ.get('RANK', '?')}: {msg}"
         commands[args.command].error(msg)  # one line, exit status 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

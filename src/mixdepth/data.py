@@ -484,15 +484,20 @@ class TokenData:
                 data cursor, saved for exact resume.
             device: where the tensors go.
         """
+        starts = self.draw_starts(split, batch_size, seq_len, generator)
+        return self._windows(self.split(split), starts, seq_len, device)
+
+    def draw_starts(self, split: str, batch_size: int, seq_len: int,
+                    generator: np.random.Generator | torch.Generator) -> np.ndarray:
+        """The random window starts of `get_batch`, drawn without reading the tokens (every rank of a
+        distributed run draws every micro-batch's starts, so the sampler state is the same on all)."""
         data = self.split(split)
         hi = len(data) - seq_len - 1
         if hi < 0:
             raise ValueError(f"the {split} split has {len(data)} tokens, fewer than seq_len+1 = {seq_len + 1}")
         if isinstance(generator, torch.Generator):
-            starts = torch.randint(0, hi + 1, (batch_size,), generator=generator).numpy()
-        else:
-            starts = generator.integers(0, hi + 1, size=batch_size)
-        return self._windows(data, starts, seq_len, device)
+            return torch.randint(0, hi + 1, (batch_size,), generator=generator).numpy()
+        return generator.integers(0, hi + 1, size=batch_size)
 
     def eval_offsets(self, seq_len: int, n: int, split: str = "val") -> np.ndarray:
         """`n` fixed, evenly spaced window starts: every model is evaluated on the same tokens."""

@@ -30,8 +30,9 @@ RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
 DERIVED = RUN_DERIVED
 """Keys of run.json that the trainer derives from the settings (not settings themselves)."""
-INCIDENTAL = ("resume", "progress", "cache_dir", "out_dir", "log_to")
-"""Settings that do not change what a run computes."""
+INCIDENTAL = ("resume", "progress", "cache_dir", "out_dir", "log_to", "dist", "activation_checkpointing", "compile")
+"""Settings that do not change what a run computes (how it is spread over ranks included: a run
+saved at one world size resumes at any other)."""
 
 
 # ---- metrics.jsonl --------------------------------------------------------------------------------

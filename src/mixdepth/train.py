@@ -32,25 +32,28 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import distributed, runs
 from . import flops as flops_mod
-from . import runs
 from .checkpoint import (
     checkpoint_name,
     is_routing_parameter,
     load_checkpoint_tokenizer,
+    load_optimizer_state,
     load_training_state,
     load_weights,
+    optimizer_state_by_name,
     resolve_checkpoint,
     save_checkpoint,
 )
 from .config import DTYPES, ModelConfig, _check, _Serializable, is_device_name, register_nested
 from .data import DEFAULT_CORPUS, build_tokenizer, load_documents, prepare_corpus
-from .runtime import autocast_ctx, resolve_device, rng_state, seed_everything, set_rng_state
+from .runtime import autocast_ctx, resolve_device, rng_state, seed_everything, set_rng_state, torch_dtype
 
 log = logging.getLogger("mixdepth")
 
 TRACKERS = ("none", "tensorboard", "wandb")
 TRAINABLE = ("all", "routing")
+DIST_MODES = ("auto", "none", "ddp", "fsdp")
 
 
 @dataclass(kw_only=True)
@@ -128,6 +131,14 @@ class TrainConfig(_Serializable):
     log_to: str = "none"
     """Experiment tracker beside metrics.jsonl: `none`, `tensorboard` (event files in <run>/tensorboard)
     or `wandb` (set WANDB_MODE=offline to keep it on disk)."""
+    dist: str = "auto"
+    """Under torchrun: `ddp` (DistributedDataParallel), `fsdp` (FSDP2 fully_shard per layer, then the
+    root) or `auto` (ddp); `none` refuses to run on more than one rank. The global batch is
+    batch_size x grad_accum at any world size: each rank runs grad_accum / world micro-batches."""
+    activation_checkpointing: bool = False
+    """fsdp: recompute each layer's activations in backward (torchtitan's full AC), applied before FSDP."""
+    compile: bool = False
+    """fsdp: torch.compile each layer, after AC and before FSDP (torchtitan's order)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
@@ -162,6 +173,7 @@ class TrainConfig(_Serializable):
         _check(self.trainable == "all" or self.model.routed_layer_ids,
                "train.trainable routing needs routed layers (routing.router is none)")
         _check(self.dtype in DTYPES, f"train.dtype must be auto, fp32 or bf16, got {self.dtype!r}")
+        _check(self.dist in DIST_MODES, f"train.dist must be one of {DIST_MODES}, got {self.dist!r}")
 
     @property
     def context(self) -> int:
@@ -299,7 +311,20 @@ class Trainer:
     def __init__(self, cfg: TrainConfig) -> None:
         out = Path(cfg.out_dir)
         self.out = out
-        self.device = resolve_device(cfg.device)
+        device = resolve_device(cfg.device)
+        self.dist = distributed.init_from_env(device)
+        self.device = distributed.rank_device(device, self.dist)
+        world = self.dist.world
+        self.dist_mode = ("ddp" if cfg.dist == "auto" else cfg.dist) if world > 1 else "none"
+        if world > 1 and cfg.dist == "none":
+            raise ValueError(f"train.dist is none, and torchrun started {world} ranks: use ddp or fsdp")
+        if cfg.grad_accum % world:
+            raise ValueError(f"train.grad_accum ({cfg.grad_accum}) must be a multiple of the world size ({world}): "
+                             f"the global batch is batch_size x grad_accum, split over the ranks")
+        if (cfg.activation_checkpointing or cfg.compile) and self.dist_mode != "fsdp":
+            raise ValueError("train.activation_checkpointing and train.compile apply with train.dist fsdp under "
+                             "torchrun")
+        self.local_accum = cfg.grad_accum // world
         has_ckpt = runs.latest_checkpoint(out) is not None or (out / "latest").exists()
         if has_ckpt and not cfg.resume:
             raise ValueError(f"{out} already holds a training run; pass --resume to continue it or choose another "
@@ -336,16 +361,20 @@ class Trainer:
         if cfg.trainable == "routing":
             for name, p in self.model.named_parameters():
                 p.requires_grad_(is_routing_parameter(name))
-        self.train_model = self.wrap(self.model)
-        self.optimizer = make_optimizer(self.model, cfg, self.device)
         self.step, self.tokens, self.flops = 0, 0, 0.0
         self.last_ckpt: Path | None = None
         self.history: list[dict[str, Any]] = []  # records of the steps before this process started
+        state = None
+        if cfg.resume:  # the full weights go into the unsharded model, on every rank, before wrapping
+            state = load_training_state(runs.latest_checkpoint(out), self.model, None)
+        self.train_model = self.wrap(self.model)
+        self.optimizer = make_optimizer(self.model, cfg, self.device)
         if cfg.resume:
-            self._resume()
+            self._resume(state)
         elif self.is_main:
             out.mkdir(parents=True, exist_ok=True)
             runs.rewrite_metrics(out, [])
+        distributed.barrier()
         if self.is_main:
             runs.write_settings(out, cfg.to_dict(), total_steps=self.total, tokens_per_step=cfg.tokens_per_step,
                                 flops_per_step=cfg.flops_per_step)
@@ -354,10 +383,13 @@ class Trainer:
                  out, self.total, cfg.tokens_per_step, cfg.flops_per_step, cfg.model.routing.router,
                  cfg.model.routing.capacity, self.device)
 
-    def _resume(self) -> None:
+    def _resume(self, state: dict[str, Any]) -> None:
         cfg, out = self.cfg, self.out
         ckpt = runs.latest_checkpoint(out)
-        state = load_training_state(ckpt, self.model, self.optimizer)
+        if self.dist_mode == "fsdp":  # the full optimizer state, sharded as it loads
+            distributed.load_full_optimizer_state(self.model, self.optimizer, optimizer_state_by_name(ckpt))
+        else:
+            load_optimizer_state(ckpt, self.model, self.optimizer)
         if state.get("total_steps") not in (None, self.total):
             raise ValueError(f"{ckpt} was trained for a budget of {state['total_steps']} steps, now {self.total}; "
                              "resume with the same budget (the schedule depends on it)")
@@ -377,27 +409,34 @@ class Trainer:
             log.warning("resuming with changed settings (%s): the continuation differs from an uninterrupted run",
                         ", ".join(changed))
 
-    # ---- distribution seams (single process here; torchrun fills them in) ------------------------
+    # ---- distribution (`mixdepth.distributed`; a single process leaves the model as it is) ---------
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        """The module `train_step` runs; a data-parallel wrapper goes here."""
+        """The module `train_step` runs: the model, DDP around it, or the model sharded in place (FSDP2)."""
+        cfg = self.cfg
+        if self.dist_mode == "ddp":
+            return distributed.apply_ddp(model, self.device)
+        if self.dist_mode == "fsdp":
+            bf16 = self.device.type == "cuda" and torch_dtype(cfg.dtype, self.device) == torch.bfloat16
+            return distributed.apply_fsdp(model, self.device, bf16=bf16,
+                                          activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile)
         return model
 
     @property
     def is_main(self) -> bool:
         """Only the main rank logs, writes metrics and writes checkpoints."""
-        return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+        return self.dist.rank == 0
 
     def _micro_sync(self, last: bool):
         """Gradients are synchronised on a micro-batch's backward only when it is the step's last."""
+        if self.dist_mode == "fsdp":
+            self.train_model.set_requires_gradient_sync(last)
+            return contextlib.nullcontext()
         no_sync = getattr(self.train_model, "no_sync", None)
         return contextlib.nullcontext() if last or no_sync is None else no_sync()
 
     def _reduce(self, t: torch.Tensor) -> torch.Tensor:
         """The mean of a figure over ranks (itself in a single process)."""
-        if torch.distributed.is_initialized():
-            t = t.clone()
-            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.AVG)
-        return t
+        return distributed.reduce_mean(t)
 
     # ---- the steps ------------------------------------------------------------------------------
     def lr(self) -> float:
@@ -415,14 +454,19 @@ class Trainer:
 
         def add(key: str, v: torch.Tensor | None) -> None:
             if v is not None:
-                sums[key] = sums.get(key, 0.0) + v.detach().float() / cfg.grad_accum
+                sums[key] = sums.get(key, 0.0) + v.detach().float() / self.local_accum
 
         for micro in range(cfg.grad_accum):
-            x, y = self.data.get_batch("train", cfg.batch_size, cfg.context, self.sampler, device)
-            with self._micro_sync(micro == cfg.grad_accum - 1):
+            # every rank draws every micro-batch's windows, so the sampler (and a checkpoint of it) is the
+            # same at any world size; rank r runs micro-batches [r * local, (r + 1) * local)
+            starts = self.data.draw_starts("train", cfg.batch_size, cfg.context, self.sampler)
+            if micro // self.local_accum != self.dist.rank:
+                continue
+            x, y = self.data.batch_at("train", starts, cfg.context, device)
+            with self._micro_sync((micro + 1) % self.local_accum == 0):
                 with autocast_ctx(device, cfg.dtype):
                     o = self.train_model(x, y)
-                (o.loss / cfg.grad_accum).backward()
+                (o.loss / self.local_accum).backward()
             for key, v in (("loss", o.loss), ("lm_loss", o.lm_loss), *o.losses.items(),
                            ("routed_frac", o.routed_frac), ("causal_acc", o.causal_acc)):
                 add(key, v)
@@ -433,7 +477,8 @@ class Trainer:
             kept = f"the last checkpoint {prev} is intact" if prev else "no checkpoint was written"
             raise ValueError(f"training loss is {loss} at step {self.step + 1} (lr {lr:.3g}); stopped, {kept}")
         clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -485,11 +530,16 @@ class Trainer:
         state = {"step": self.step, "tokens": self.tokens, "flops": self.flops, "total_steps": self.total,
                  "data": self.data_ref, "seq_len": self.cfg.context, "rng": rng_state(self.sampler)}
         path = self.out / "checkpoints" / checkpoint_name(self.step)
+        full = {}
+        if self.dist_mode == "fsdp":  # a collective: every rank takes part, rank 0 receives the full state
+            msd, osd = distributed.full_state(self.model, self.optimizer)
+            full = {"model_state": msd, "optimizer_state": osd}
         if self.is_main:
             self.last_ckpt = save_checkpoint(path, self.model, self.optimizer, state, self.tokenizer,
-                                             keep_last=self.cfg.keep_last)
-        if torch.distributed.is_initialized():
-            torch.distributed.barrier()
+                                             keep_last=self.cfg.keep_last, **full)
+        else:
+            self.last_ckpt = path
+        distributed.barrier()
         return path
 
     def log(self, record: dict[str, Any], mfile) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +87,14 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    summary = run_train(config_from_args(args))
+    from .. import distributed
+
+    try:
+        summary = run_train(config_from_args(args))
+    finally:
+        distributed.shutdown()
+    if int(os.environ.get("RANK", "0")):  # under torchrun: rank 0 reports
+        return 0
 
     def f4(v: float | None) -> str:
         return "n/a" if v is None else f"{v:.4f}"
