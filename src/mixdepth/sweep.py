@@ -292,6 +292,20 @@ def check_plan(cfg: SweepConfig, specs: list[RunSpec]) -> dict[str, Any]:
 
 
 # ---- one run: train, evaluate ---------------------------------------------------------------------
+def cached_result(cfg: SweepConfig, spec: RunSpec, tc) -> dict[str, Any] | None:
+    """The saved result of a finished run with these settings, or None."""
+    from .runs import essential
+
+    path = Path(cfg.out_dir) / "results" / f"{spec.name}.json"
+    if not path.exists():
+        return None
+    try:
+        saved = read_json_file(path, "sweep result")
+    except ValueError:
+        return None
+    return saved if isinstance(saved, dict) and saved.get("settings") == essential(tc.to_dict()) else None
+
+
 def run_one(cfg: SweepConfig, spec: RunSpec, tc=None) -> dict[str, Any]:
     """Train (or reuse, or resume) one run and evaluate it; the result is written to results/<run>.json."""
     from . import flops
@@ -300,14 +314,10 @@ def run_one(cfg: SweepConfig, spec: RunSpec, tc=None) -> dict[str, Any]:
     from .train import train_or_reuse
 
     tc = tc or train_config(cfg, spec)
+    saved = cached_result(cfg, spec, tc)
+    if saved is not None:
+        return saved
     path = Path(cfg.out_dir) / "results" / f"{spec.name}.json"
-    if path.exists():
-        try:
-            saved = read_json_file(path, "sweep result")
-            if saved.get("settings") == essential(tc.to_dict()):
-                return saved
-        except ValueError:
-            pass
     t0 = time.perf_counter()
     summary = train_or_reuse(tc, cfg.overwrite)
     train_s = time.perf_counter() - t0
@@ -433,7 +443,14 @@ def _run_workers(cfg: SweepConfig, specs: list[RunSpec], results: dict, progress
     threads = cfg.threads or max(1, (os.cpu_count() or 1) // cfg.jobs)
     sweep_fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
     sweep_fields.update(jobs=1, progress=False)
-    queue = list(specs)
+    queue = []
+    for spec in specs:  # finished runs are read here, not in a worker
+        saved = cached_result(cfg, spec, progress.tcs[spec.name])
+        if saved is not None:
+            results[spec.name] = saved
+            progress.finished(spec.name, saved)
+        else:
+            queue.append(spec)
     running: dict[str, tuple[subprocess.Popen, Any]] = {}
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     try:
