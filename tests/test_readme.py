@@ -25,10 +25,12 @@ def test_python_quick_start_runs():
 def _cli_lines() -> list[list[str]]:
     lines = []
     for block in _blocks("bash"):
-        for line in block.splitlines():
+        for line in block.replace("\\\n", " ").splitlines():  # continuation lines joined
             line = line.split("#")[0].strip()
             if line.startswith("mixdepth "):
                 lines.append(shlex.split(line)[1:])
+            elif line.startswith("torchrun ") and " -m mixdepth " in line:  # the same command under torchrun
+                lines.append(shlex.split(line.split(" -m mixdepth ", 1)[1]))
     return lines
 
 

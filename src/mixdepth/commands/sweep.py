@@ -53,10 +53,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="sweep folder (default: runs/sweep-<preset>)")
     parser.add_argument("--seeds", type=_seeds, default=None, help="number of seeds (3 = 0,1,2) or a list")
     for flag, (_, _, help_) in LISTS.items():
-        parser.add_argument(flag, default=None, help=help_)
+        parser.add_argument(flag, default=None, help=help_.replace("%", "%%"))  # argparse formats help with %
     docs, defaults = field_docs(SweepConfig), {f.name: f.default for f in dataclasses.fields(SweepConfig)}
     for flag, (name, kind) in SCALARS.items():
-        parser.add_argument(flag, type=kind, default=None, help=f"{docs.get(name, '')} (default: {defaults[name]})")
+        parser.add_argument(flag, type=kind, default=None,
+                            help=f"{docs.get(name, '')} (default: {defaults[name]})".replace("%", "%%"))
     parser.add_argument("-j", "--jobs", type=int, default=None, help="runs trained side by side (worker processes)")
     add_device_args(parser)
     parser.add_argument("--overwrite", action="store_true", help="replace run folders that hold other settings")
