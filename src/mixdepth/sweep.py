@@ -682,7 +682,17 @@ def _colors(variants: list[str]) -> dict[str, Any]:
 
     plt = _pyplot()
     cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    if len(variants) > len(cycle):  # one distinct colour per variant
+        cmap = plt.get_cmap("tab20")
+        cycle = [cmap(i) for i in range(cmap.N)]
     return {v: cycle[i % len(cycle)] for i, v in enumerate(variants)}
+
+
+def _log_x(ax) -> None:
+    from matplotlib.ticker import NullFormatter
+
+    ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(NullFormatter())  # the minor labels of a short log axis overlap
 
 
 def plot_isoflop(rows: list[dict[str, Any]], out_png: str | Path) -> Path:
@@ -708,7 +718,7 @@ def plot_isoflop(rows: list[dict[str, Any]], out_png: str | Path) -> Path:
                 best = min(pts, key=lambda r: r["loss_topk"])
                 ax.plot([best["params"]], [best["loss_topk"]], marker="*", markersize=14, color=colors[v],
                         markeredgecolor="black", linestyle="none")
-        ax.set_xscale("log")
+        _log_x(ax)
         ax.set_xlabel("parameters")
         ax.set_ylabel("validation loss (nats/token, topk)")
         ax.set_title(f"isoFLOP: {b:.3g} training FLOPs")
@@ -736,7 +746,7 @@ def plot_loss_vs_forward_flops(rows: list[dict[str, Any]], out_png: str | Path) 
             ax.errorbar([r["fwd_flops_per_token"] for r in pts], [r["loss_topk"] for r in pts],
                         yerr=[r["loss_topk_std"] or 0.0 for r in pts], color=colors[v], marker="o", markersize=4,
                         capsize=2, linestyle="-" if len(pts) > 1 else "none", label=v)
-        ax.set_xscale("log")
+        _log_x(ax)
         ax.set_xlabel("FLOPs per token, one forward pass")
         ax.set_ylabel("validation loss (nats/token, topk)")
         ax.set_title(f"{b:.3g} training FLOPs")
@@ -746,22 +756,47 @@ def plot_loss_vs_forward_flops(rows: list[dict[str, Any]], out_png: str | Path) 
 
 
 def plot_training_curves(results: list[dict[str, Any]], rows: list[dict[str, Any]], out_png: str | Path) -> Path:
-    """Training (solid) and validation (dashed) loss against FLOPs at the largest budget: each variant
-    at its best size, first seed."""
-    from .plots import plot_loss_curves
+    """Training loss (solid, a moving mean over 10 logged steps) and validation loss (dashed, markers)
+    against training FLOPs at the largest budget: each variant at its best size, first seed."""
+    import numpy as np
 
+    from .plots import _pyplot, _save
+    from .runs import read_metrics
+
+    plt = _pyplot()
     top = max(r["budget"] for r in rows)
-    dirs, labels = [], []
-    for v in dict.fromkeys(r["variant"] for r in rows):
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    colors = _colors(variants)
+    fig, ax = plt.subplots(figsize=(8.5, 4.8))
+    tail: list[float] = []
+    for v in variants:
         best = _best(rows, v, top)
         if best is None:
             continue
         pick = min((r for r in results if r["variant"] == v and r["budget"] == top and r["depth"] == best["depth"]),
                    key=lambda r: r["seed"])
-        dirs.append(pick["run_dir"])
-        labels.append(f"{v} d{best['depth']} s{pick['seed']}")
-    return plot_loss_curves(dirs, out_png, x="flops", labels=labels,
-                            title=f"training (solid) and validation (dashed) loss, {top:.3g} FLOPs, best size each")
+        recs = read_metrics(pick["run_dir"])
+        train = [(r["flops"], r["lm_loss"]) for r in recs if r.get("lm_loss") is not None]
+        val = [(r["flops"], r["val_loss"]) for r in recs if r.get("val_loss") is not None]
+        label = f"{v} (depth {best['depth']}, seed {pick['seed']})"
+        if train:
+            xs, ys = np.array(train).T
+            ys = np.convolve(ys, np.ones(10) / 10, mode="valid") if len(ys) >= 10 else ys
+            ax.plot(xs[len(xs) - len(ys):], ys, color=colors[v], linewidth=1.2, label=label)
+            tail += list(ys[len(ys) // 3:])
+        if val:
+            xs, ys = np.array(val).T
+            ax.plot(xs, ys, color=colors[v], linestyle="--", marker="o", markersize=3, linewidth=1)
+    if tail:  # the later part of training, not the first steps' loss of ~5.5
+        lo, hi = np.percentile(tail, [0, 100])
+        ax.set_ylim(lo - 0.05 * (hi - lo), hi + 0.15 * (hi - lo))
+    ax.set_xlabel("training FLOPs")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    ax.set_title(f"training (solid, mean of 10 logs) and validation (dashed) loss, {top:.3g} FLOPs, best size each",
+                 fontsize=9)
+    return _save(fig, out_png)
 
 
 # ---- the whole sweep ------------------------------------------------------------------------------
