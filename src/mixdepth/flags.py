@@ -69,6 +69,19 @@ def positive_int(s: str) -> int:
     return v
 
 
+def seed_list(s: str) -> list[int]:
+    """An argparse type: `3` means seeds 0, 1, 2; `0,5,7` lists them."""
+    try:
+        if "," in s:
+            return [int(v) for v in s.split(",") if v.strip()]
+        n = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a count or comma-separated seeds, got {s!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected at least one seed, got {s!r}")
+    return list(range(n))
+
+
 def number_list(text: str, kind: type, flag: str) -> list:
     """Positive numbers from a comma-separated flag value (`1,8,32`); a one-line error naming `flag`."""
     try:

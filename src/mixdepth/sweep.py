@@ -695,8 +695,9 @@ def _log_x(ax) -> None:
     ax.xaxis.set_minor_formatter(NullFormatter())  # the minor labels of a short log axis overlap
 
 
-def plot_isoflop(rows: list[dict[str, Any]], out_png: str | Path) -> Path:
-    """Loss against parameters per variant, one panel per budget; error bars: seed std; stars: minima."""
+def _loss_panels(rows: list[dict[str, Any]], out_png: str | Path, x: str, xlabel: str, title: str,
+                 mark_min: bool, suptitle: str | None = None) -> Path:
+    """Loss (mean, seed std as bars) against `x`, a line per variant over its sizes, one panel per budget."""
     from .plots import _pyplot, _save
 
     plt = _pyplot()
@@ -706,53 +707,37 @@ def plot_isoflop(rows: list[dict[str, Any]], out_png: str | Path) -> Path:
     fig, axes = plt.subplots(1, len(budgets), figsize=(5.2 * len(budgets), 4.2), squeeze=False)
     for ax, b in zip(axes[0], budgets):
         for v in variants:
-            pts = sorted((r for r in rows if r["variant"] == v and r["budget"] == b), key=lambda r: r["params"])
+            pts = sorted((r for r in rows if r["variant"] == v and r["budget"] == b), key=lambda r: r[x])
             if not pts:
                 continue
-            xs = [r["params"] for r in pts]
-            ys = [r["loss_topk"] for r in pts]
-            err = [r["loss_topk_std"] or 0.0 for r in pts]
-            ax.errorbar(xs, ys, yerr=err, color=colors[v], marker="o", markersize=4, capsize=2,
-                        linestyle="-" if len(pts) > 1 else "none", label=v)
-            if len(pts) > 1:
+            ax.errorbar([r[x] for r in pts], [r["loss_topk"] for r in pts],
+                        yerr=[r["loss_topk_std"] or 0.0 for r in pts], color=colors[v], marker="o", markersize=4,
+                        capsize=2, linestyle="-" if len(pts) > 1 else "none", label=v)
+            if mark_min and len(pts) > 1:
                 best = min(pts, key=lambda r: r["loss_topk"])
-                ax.plot([best["params"]], [best["loss_topk"]], marker="*", markersize=14, color=colors[v],
+                ax.plot([best[x]], [best["loss_topk"]], marker="*", markersize=14, color=colors[v],
                         markeredgecolor="black", linestyle="none")
         _log_x(ax)
-        ax.set_xlabel("parameters")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel("validation loss (nats/token, topk)")
-        ax.set_title(f"isoFLOP: {b:.3g} training FLOPs")
+        ax.set_title(title.format(budget=b))
         ax.grid(True, alpha=0.3)
     axes[0][-1].legend(fontsize=7)
-    fig.suptitle("mean over seeds (bars: std); star: the minimum of each curve", fontsize=9)
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=9)
     return _save(fig, out_png)
+
+
+def plot_isoflop(rows: list[dict[str, Any]], out_png: str | Path) -> Path:
+    """Loss against parameters per variant, one panel per budget; error bars: seed std; stars: minima."""
+    return _loss_panels(rows, out_png, "params", "parameters", "isoFLOP: {budget:.3g} training FLOPs", True,
+                        "mean over seeds (bars: std); star: the minimum of each curve")
 
 
 def plot_loss_vs_forward_flops(rows: list[dict[str, Any]], out_png: str | Path) -> Path:
     """Loss against FLOPs per token of a forward pass, each variant's sizes joined, one panel per budget."""
-    from .plots import _pyplot, _save
-
-    plt = _pyplot()
-    budgets = sorted({r["budget"] for r in rows})
-    variants = list(dict.fromkeys(r["variant"] for r in rows))
-    colors = _colors(variants)
-    fig, axes = plt.subplots(1, len(budgets), figsize=(5.2 * len(budgets), 4.2), squeeze=False)
-    for ax, b in zip(axes[0], budgets):
-        for v in variants:
-            pts = sorted((r for r in rows if r["variant"] == v and r["budget"] == b),
-                         key=lambda r: r["fwd_flops_per_token"])
-            if not pts:
-                continue
-            ax.errorbar([r["fwd_flops_per_token"] for r in pts], [r["loss_topk"] for r in pts],
-                        yerr=[r["loss_topk_std"] or 0.0 for r in pts], color=colors[v], marker="o", markersize=4,
-                        capsize=2, linestyle="-" if len(pts) > 1 else "none", label=v)
-        _log_x(ax)
-        ax.set_xlabel("FLOPs per token, one forward pass")
-        ax.set_ylabel("validation loss (nats/token, topk)")
-        ax.set_title(f"{b:.3g} training FLOPs")
-        ax.grid(True, alpha=0.3)
-    axes[0][-1].legend(fontsize=7)
-    return _save(fig, out_png)
+    return _loss_panels(rows, out_png, "fwd_flops_per_token", "FLOPs per token, one forward pass",
+                        "{budget:.3g} training FLOPs", False)
 
 
 def plot_training_curves(results: list[dict[str, Any]], rows: list[dict[str, Any]], out_png: str | Path) -> Path:

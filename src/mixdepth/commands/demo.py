@@ -6,19 +6,7 @@ import argparse
 
 from ..config import PRESETS
 from ..demo import DemoConfig, run_demo
-
-
-def _seeds(s: str) -> list[int]:
-    """`3` means seeds 0, 1, 2; `0,5,7` lists them."""
-    try:
-        if "," in s:
-            return [int(v) for v in s.split(",") if v.strip()]
-        n = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a count or comma-separated seeds, got {s!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected at least one seed, got {s!r}")
-    return list(range(n))
+from ..flags import seed_list
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                                               f"{d.batch_size})")
     parser.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default: {d.lr:g})")
     parser.add_argument("--capacity", type=float, default=d.capacity, help=f"MoD capacity (default: {d.capacity:g})")
-    parser.add_argument("--seeds", type=_seeds, default=d.seeds,
+    parser.add_argument("--seeds", type=seed_list, default=d.seeds,
                         help="number of seeds (3 = seeds 0,1,2) or a comma-separated list (default: 1)")
     parser.add_argument("--baselines", default="dense",
                         help="comma-separated baselines beside MoD: dense (always), random (default: dense)")

@@ -5,21 +5,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from ..flags import add_device_args, field_docs, number_list
+from ..flags import add_device_args, field_docs, number_list, seed_list
 from ..sweep import PRESETS, VARIANT_HELP, SweepConfig, run_sweep
-
-
-def _seeds(s: str) -> list[int]:
-    """`3` means seeds 0, 1, 2; `0,5,7` lists them."""
-    try:
-        if "," in s:
-            return [int(v) for v in s.split(",") if v.strip()]
-        n = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a count or comma-separated seeds, got {s!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected at least one seed, got {s!r}")
-    return list(range(n))
 
 
 def _names(s: str) -> list[str]:
@@ -51,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the sweep to start from (default: cpu, under 90 minutes on 2 CPU cores); flags override "
                              "its fields")
     parser.add_argument("--out", default=None, help="sweep folder (default: runs/sweep-<preset>)")
-    parser.add_argument("--seeds", type=_seeds, default=None, help="number of seeds (3 = 0,1,2) or a list")
+    parser.add_argument("--seeds", type=seed_list, default=None, help="number of seeds (3 = 0,1,2) or a list")
     for flag, (_, _, help_) in LISTS.items():
         parser.add_argument(flag, default=None, help=help_.replace("%", "%%"))  # argparse formats help with %
     docs, defaults = field_docs(SweepConfig), {f.name: f.default for f in dataclasses.fields(SweepConfig)}
