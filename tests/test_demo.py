@@ -14,25 +14,6 @@ from mixdepth.demo import DemoConfig, model_configs, run_demo, train_configs  # 
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
-SENTENCES = [
-    "The quality of mercy is not strained; it droppeth as the gentle rain from heaven upon the place beneath.",
-    "All the world's a stage, and all the men and women merely players.",
-    "Now is the winter of our discontent made glorious summer by this sun of York.",
-    "If music be the food of love, play on; give me excess of it.",
-    "Friends, Romans, countrymen, lend me your ears; I come to bury Caesar, not to praise him.",
-    "What's in a name? That which we call a rose by any other name would smell as sweet.",
-]
-
-
-@pytest.fixture
-def corpus(tmp_path):
-    """~10 KB of English lines in a varying order, enough for train and validation windows of 64."""
-    lines = [f"{i}. {SENTENCES[(i * 5) % len(SENTENCES)]}" for i in range(100)]
-    path = tmp_path / "corpus.txt"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 def tiny(tmp_path, corpus, **kw):
     base = dict(out_dir=str(tmp_path / "demo"), preset="debug", budget=2e9, seq_len=64, batch_size=4,
                 warmup_steps=2, data=str(corpus), eval_batches=2, evals=2, sample_tokens=16,

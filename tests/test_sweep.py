@@ -31,22 +31,6 @@ from mixdepth.sweep import (  # noqa: E402
 )
 
 PNG = b"\x89PNG\r\n\x1a\n"
-SENTENCES = [
-    "The quality of mercy is not strained; it droppeth as the gentle rain from heaven upon the place beneath.",
-    "All the world's a stage, and all the men and women merely players.",
-    "Now is the winter of our discontent made glorious summer by this sun of York.",
-    "If music be the food of love, play on; give me excess of it.",
-]
-
-
-@pytest.fixture
-def corpus(tmp_path):
-    lines = [f"{i}. {SENTENCES[(i * 3) % len(SENTENCES)]}" for i in range(120)]
-    path = tmp_path / "corpus.txt"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 def tiny(tmp_path, corpus, name="sweep", **kw):
     """2 variants x 2 sizes x 1 budget x 1 seed of tiny models: seconds."""
     base = dict(out_dir=str(tmp_path / name), variants=["dense", MAIN_MOD], depths=[2, 3], budgets=[1.5e9],

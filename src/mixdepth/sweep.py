@@ -155,8 +155,6 @@ class SweepConfig:
         check(0 <= self.warmup < 1, f"--warmup must be a fraction in [0, 1), got {self.warmup}")
         check(is_device_name(self.device), f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         check(self.dtype in ("auto", "fp32", "bf16"), f"--dtype must be auto, fp32 or bf16, got {self.dtype!r}")
-        if self.ablations and self.ablation_depth:
-            check(self.ablation_depth >= 1, f"--ablation-depth must be >= 1, got {self.ablation_depth}")
         if any(v in ("moe", "staged-mode", "integrated-mode") for v in self.variants + self.ablations):
             check(self.n_experts >= 1, "the MoE variants need --n-experts >= 1")
 
