@@ -142,7 +142,7 @@ CAUSAL_EVAL = textwrap.dedent('''
     model = MoDTransformer(ModelConfig.from_name("debug", n_layers=6, routing=dict(route_every=2)))
     reference = MoDTransformer(model.cfg)
     reference.load_state_dict(model.state_dict())
-    apply_fsdp(model, torch.device("cpu"))
+    apply_fsdp(model)
     model.eval()
     ids = model.cfg.routed_layer_ids
     # rank 0: no token enters any routed layer; rank 1: every token enters every one

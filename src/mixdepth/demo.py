@@ -142,7 +142,7 @@ def train_configs(cfg: DemoConfig) -> dict[str, Any]:
     return runs
 
 
-def _mean_std(xs: list[float | None]) -> tuple[float | None, float | None]:
+def mean_std(xs: list[float | None]) -> tuple[float | None, float | None]:
     xs = [x for x in xs if x is not None]
     if not xs:
         return None, None
@@ -265,8 +265,8 @@ def _summarise(runs: dict[str, dict], tcs: dict[str, Any]) -> dict[str, dict[str
             "train_s": [r["train"].get("time_s") for r in rs],
         }
         for key in ("loss_topk", "loss_causal", "causal_gap"):
-            row[key], row[key + "_std"] = _mean_std([e[key] for e in ev])
-        row["train_lm_loss"], _ = _mean_std([final_train_loss(r["train"]["run_dir"]) for r in rs])
+            row[key], row[key + "_std"] = mean_std([e[key] for e in ev])
+        row["train_lm_loss"], _ = mean_std([final_train_loss(r["train"]["run_dir"]) for r in rs])
         acc = [statistics.fmean(e["causal_acc"]) for e in ev if e["causal_acc"]]
         row["causal_acc"] = statistics.fmean(acc) if acc else None
         row["causal_acc_per_layer"] = ev[0]["causal_acc"]
@@ -329,7 +329,7 @@ def _figures(cfg: DemoConfig, runs: dict[str, dict], tokens, mod_run: dict) -> d
 
 
 # ---- text output ----------------------------------------------------------------------------------
-def _f(v: float | None, std: float | None = None, digits: int = 4) -> str:
+def fmt_mean_std(v: float | None, std: float | None = None, digits: int = 4) -> str:
     if v is None:
         return "-"
     s = f"{v:.{digits}f}"
@@ -348,9 +348,9 @@ def format_table(models: dict[str, dict], cfg: DemoConfig) -> str:
     rows = [head]
     for name, m in models.items():
         rows.append([names.get(name, name), f"{m['params'] / 1e6:.2f}M", str(m["steps"]), f"{m['flops']:.3g}",
-                     _f(m["train_lm_loss"]), _f(m["loss_topk"], m["loss_topk_std"]),
-                     _f(m["loss_causal"], m["loss_causal_std"]),
-                     _f(m["causal_gap"], m["causal_gap_std"]) if name != "dense" else "-",
+                     fmt_mean_std(m["train_lm_loss"]), fmt_mean_std(m["loss_topk"], m["loss_topk_std"]),
+                     fmt_mean_std(m["loss_causal"], m["loss_causal_std"]),
+                     fmt_mean_std(m["causal_gap"], m["causal_gap_std"]) if name != "dense" else "-",
                      _pct(m["causal_acc"]), _pct(m["routed_frac_causal"]) if name != "dense" else "100%"])
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
@@ -453,7 +453,7 @@ def _report_md(cfg, tcs, runs, models, table, sample, figures, timings) -> str:
               "|---|---|---|---|---|---|"]
     for name, r in runs.items():
         s = r["train"]
-        lines.append(f"| {name} | {s['steps']} | {s['tokens']:,} | {s['flops']:.4g} | {_f(s['val_loss'])} | "
+        lines.append(f"| {name} | {s['steps']} | {s['tokens']:,} | {s['flops']:.4g} | {fmt_mean_std(s['val_loss'])} | "
                      f"`{Path(s['run_dir']).name}` |")
     lines += ["", "Wall time per phase (seconds): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()) + ".",
               "", "Reproduce: `mixdepth demo " + _cli_flags(cfg) + "`.", ""]

@@ -90,7 +90,7 @@ def apply_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
                                    find_unused_parameters=moe)
 
 
-def apply_fsdp(model: torch.nn.Module, device: torch.device, *, bf16: bool = False,
+def apply_fsdp(model: torch.nn.Module, *, bf16: bool = False,
                activation_checkpointing: bool = False, compile: bool = False) -> torch.nn.Module:
     """FSDP2 in place: AC and compile per layer (if asked), then `fully_shard` per layer and on the root."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -111,11 +111,6 @@ def apply_fsdp(model: torch.nn.Module, device: torch.device, *, bf16: bool = Fal
         fully_shard(layer, mp_policy=mp, reshard_after_forward=i < len(layers) - 1)
     fully_shard(model, mp_policy=mp)
     return model
-
-
-def unwrap_layer(layer: torch.nn.Module) -> torch.nn.Module:
-    """A layer without its activation-checkpoint wrapper."""
-    return getattr(layer, "_checkpoint_wrapped_module", layer)
 
 
 def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None

@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .demo import fmt_mean_std, mean_std
 from .files import read_json_file, write_json_atomic, write_text_atomic
 
 log = logging.getLogger("mixdepth")
@@ -290,11 +291,16 @@ def check_plan(cfg: SweepConfig, specs: list[RunSpec]) -> dict[str, Any]:
 
 
 # ---- one run: train, evaluate ---------------------------------------------------------------------
+def result_path(cfg: SweepConfig, name: str) -> Path:
+    """Where the evaluation of run `name` is kept once it is done."""
+    return Path(cfg.out_dir) / "results" / f"{name}.json"
+
+
 def cached_result(cfg: SweepConfig, spec: RunSpec, tc) -> dict[str, Any] | None:
     """The saved result of a finished run with these settings, or None."""
     from .runs import essential
 
-    path = Path(cfg.out_dir) / "results" / f"{spec.name}.json"
+    path = result_path(cfg, spec.name)
     if not path.exists():
         return None
     try:
@@ -315,7 +321,7 @@ def run_one(cfg: SweepConfig, spec: RunSpec, tc=None) -> dict[str, Any]:
     saved = cached_result(cfg, spec, tc)
     if saved is not None:
         return saved
-    path = Path(cfg.out_dir) / "results" / f"{spec.name}.json"
+    path = result_path(cfg, spec.name)
     t0 = time.perf_counter()
     summary = train_or_reuse(tc, cfg.overwrite)
     train_s = time.perf_counter() - t0
@@ -471,7 +477,7 @@ def _run_workers(cfg: SweepConfig, specs: list[RunSpec], results: dict, progress
                     lines = (out / "logs" / f"{name}.log").read_text(errors="replace").strip().splitlines()
                     raise ValueError(f"run {name} failed: {lines[-1] if lines else f'exit {proc.returncode}'} "
                                      f"(log: {out / 'logs' / (name + '.log')})")
-                results[name] = read_json_file(out / "results" / f"{name}.json", "sweep result")
+                results[name] = read_json_file(result_path(cfg, name), "sweep result")
                 progress.finished(name, results[name])
             progress.update(list(running))
     finally:
@@ -552,13 +558,6 @@ RUN_COLUMNS = ("run", "variant", "depth", "budget", "seed", "params", "active_pa
 SUMMARY_STATS = ("loss_topk", "loss_causal", "causal_acc")
 
 
-def _mean_std(xs: list[float | None]) -> tuple[float | None, float | None]:
-    xs = [x for x in xs if x is not None]
-    if not xs:
-        return None, None
-    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else None)
-
-
 def summarise(results: list[dict[str, Any]], speed: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (variant, depth, budget): the mean and standard deviation over seeds."""
     groups: dict[tuple, list[dict]] = {}
@@ -570,7 +569,7 @@ def summarise(results: list[dict[str, Any]], speed: dict[str, dict[str, Any]]) -
                                "params": rs[0]["params"], "active_params": rs[0]["active_params"],
                                "steps": rs[0]["steps"], "fwd_flops_per_token": rs[0]["fwd_flops_per_token"]}
         for key in SUMMARY_STATS:
-            row[key], row[key + "_std"] = _mean_std([r[key] for r in rs])
+            row[key], row[key + "_std"] = mean_std([r[key] for r in rs])
         row["decode_ratio"] = (speed.get(f"{variant}-d{depth}") or {}).get("ratio")
         rows.append(row)
     order = {v: i for i, v in enumerate(dict.fromkeys(r["variant"] for r in results))}
@@ -586,12 +585,6 @@ def _csv(rows: list[dict[str, Any]], columns) -> str:
     return buf.getvalue()
 
 
-def _ms(v: float | None, s: float | None, digits: int = 4) -> str:
-    if v is None:
-        return "-"
-    return f"{v:.{digits}f}" + (f" ± {s:.{digits}f}" if s is not None else "")
-
-
 def format_table(rows: list[dict[str, Any]]) -> str:
     """The markdown table: mean ± standard deviation over seeds."""
     head = ["budget", "variant", "depth", "params", "steps", "FLOPs/token (fwd)", "loss (topk)", "loss (causal)",
@@ -603,8 +596,9 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         lines.append("| " + " | ".join([f"{r['budget']:.3g}", r["variant"], str(r["depth"]),
                                          f"{r['params'] / 1e6:.2f}M", str(r["steps"]),
                                          f"{r['fwd_flops_per_token'] / 1e6:.2f}M",
-                                         _ms(r["loss_topk"], r["loss_topk_std"]),
-                                         _ms(r["loss_causal"], r["loss_causal_std"]), acc, dec, str(r["seeds"])])
+                                         fmt_mean_std(r["loss_topk"], r["loss_topk_std"]),
+                                         fmt_mean_std(r["loss_causal"], r["loss_causal_std"]), acc, dec,
+                                         str(r["seeds"])])
                      + " |")
     return "\n".join(lines)
 

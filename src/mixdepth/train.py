@@ -53,7 +53,7 @@ log = logging.getLogger("mixdepth")
 
 TRACKERS = ("none", "tensorboard", "wandb")
 TRAINABLE = ("all", "routing")
-DIST_MODES = ("auto", "none", "ddp", "fsdp")
+DIST_MODES = distributed.MODES
 
 
 @dataclass(kw_only=True)
@@ -417,7 +417,7 @@ class Trainer:
             return distributed.apply_ddp(model, self.device)
         if self.dist_mode == "fsdp":
             bf16 = self.device.type == "cuda" and torch_dtype(cfg.dtype, self.device) == torch.bfloat16
-            return distributed.apply_fsdp(model, self.device, bf16=bf16,
+            return distributed.apply_fsdp(model, bf16=bf16,
                                           activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile)
         return model
 
