@@ -19,6 +19,12 @@ A cache is generation state: it is made per call (`MoDTransformer.make_cache`) a
 Fill lengths live on the host: the number of tokens that chose a block is known there anyway
 (the block's shape depends on it), so no extra device sync is needed.
 
+`StaticCache` is the same cache for static-shape decode steps (`mixdepth.static`): its buffers
+have room for a padded batch and one spare slot per row, its fill lengths live on the device, and
+a row that does not write (it skipped the block, or it is finished or padding) writes to the spare
+slot, which no query reads but its own. So one step has the same shapes and the same kernels
+whatever the routing, and needs no host sync: a CUDA graph can replay it.
+
 Dimensions: B batch, N rows that write, G key/value heads, H query heads, S slots, T new tokens,
 L slots read, E head width.
 """
@@ -146,7 +152,40 @@ class CacheSlot:
         return KVRead(keys, values, mask[:, None], False, rows if subset else None)
 
 
-class KVCache:
+class _Accounting:
+    """KV bytes and routed counts, from each layer's `k` buffer and host fill lengths."""
+
+    cfg: ModelConfig
+
+    def _host_lengths(self) -> list[torch.Tensor]:
+        """Fill lengths per layer, (B,) host long each."""
+        raise NotImplementedError
+
+    def _tokens_seen(self) -> int:
+        raise NotImplementedError
+
+    def _bytes_per_token(self) -> int:
+        k = self.layers[0].k
+        return 2 * k.shape[1] * k.shape[3] * k.element_size()
+
+    def bytes_in_use(self) -> int:
+        """Bytes of keys/values actually held (sum over layers and rows of fill lengths)."""
+        return sum(int(n.sum()) for n in self._host_lengths()) * self._bytes_per_token()
+
+    def bytes_allocated(self) -> int:
+        return sum(layer.k.numel() + layer.v.numel() for layer in self.layers) * self.layers[0].k.element_size()
+
+    def dense_bytes(self) -> int:
+        """What a dense model of the same size would hold for the same tokens."""
+        return self._tokens_seen() * self.cfg.n_layers * self._bytes_per_token()
+
+    def routed_counts(self) -> dict[int, torch.Tensor]:
+        """Tokens cached per row, for each routed layer."""
+        lengths = self._host_lengths()
+        return {i: lengths[i].clone() for i, layer in enumerate(self.layers) if layer.routed}
+
+
+class KVCache(_Accounting):
     """Per-layer caches of a model for `batch_size` rows; see the module docstring."""
 
     def __init__(
@@ -209,21 +248,130 @@ class KVCache:
         return CacheSlot(self.layers[layer_id], counts, rows, positions, rows_host)
 
     # ---- accounting ---------------------------------------------------------------------------
-    def _bytes_per_token(self) -> int:
-        k = self.layers[0].k
-        return 2 * k.shape[1] * k.shape[3] * k.element_size()
+    def _host_lengths(self) -> list[torch.Tensor]:
+        return [layer.lengths for layer in self.layers]
 
-    def bytes_in_use(self) -> int:
-        """Bytes of keys/values actually held (sum over layers and rows of fill lengths)."""
-        return sum(int(layer.lengths.sum()) for layer in self.layers) * self._bytes_per_token()
+    def _tokens_seen(self) -> int:
+        return int(self.seq_lengths.sum())
 
-    def bytes_allocated(self) -> int:
-        return sum(layer.k.numel() + layer.v.numel() for layer in self.layers) * self.layers[0].k.element_size()
 
-    def dense_bytes(self) -> int:
-        """What a dense model of the same size would hold for the same tokens."""
-        return int(self.seq_lengths.sum()) * self.cfg.n_layers * self._bytes_per_token()
+class StaticSlot:
+    """One layer's static cache as one decode step sees it: rows with `write` (B,) bool store
+    their new key and value at their fill length, the others at the spare slot (the last)."""
 
-    def routed_counts(self) -> dict[int, torch.Tensor]:
-        """Tokens cached per row, for each routed layer."""
-        return {i: layer.lengths.clone() for i, layer in enumerate(self.layers) if layer.routed}
+    def __init__(self, layer: StaticLayerKV, write: torch.Tensor):
+        self.layer, self.write = layer, write
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> KVRead:
+        """Store one token's keys and values (B, G, 1, E) per row; every row reads every slot (S + 1)
+        under a mask: its filled slots, and the spare one for a row that wrote there (so a row
+        with an empty cache reads something, and its discarded output is finite)."""
+        layer, write = self.layer, self.write
+        B, spare = k.shape[0], layer.spare
+        rows = torch.arange(B, device=k.device)
+        slot = torch.where(write, layer.lengths, spare)  # (B,)
+        layer.k[rows, :, slot] = k[:, :, 0]  # (B, G, E) into (B, G, S + 1, E)
+        layer.v[rows, :, slot] = v[:, :, 0]
+        layer.lengths.add_(write.long())
+        at = torch.arange(spare + 1, device=k.device)
+        mask = (at < layer.lengths[:, None]) | ((at == spare) & ~write[:, None])  # (B, S + 1)
+        return KVRead(layer.k, layer.v, mask[:, None, None], False, None)
+
+
+class StaticLayerKV:
+    """One layer's static buffers: keys/values (B, G, S + 1, E), fill lengths (B,) on the device."""
+
+    def __init__(self, B: int, G: int, E: int, S: int, dtype, device, routed: bool):
+        self.routed = routed
+        self.k = torch.zeros(B, G, S + 1, E, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.lengths = torch.zeros(B, dtype=torch.long, device=device)
+
+    @property
+    def spare(self) -> int:
+        """Index of the spare slot; slots below it hold tokens."""
+        return self.k.shape[2] - 1
+
+    def resize(self, S: int) -> None:
+        """Reallocate with S token slots (+1 spare), keeping the filled ones (out of a step only)."""
+        keep = min(S, self.spare)
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = old.new_zeros(old.shape[0], old.shape[1], S + 1, old.shape[3])
+            new[:, :, :keep] = old[:, :, :keep]
+            setattr(self, name, new)
+
+
+class StaticCache(_Accounting):
+    """A KV cache for static-shape decode steps (`mixdepth.static`); see the module docstring.
+
+    Made from a prefilled `KVCache` (`load`), for `batch_size` >= its rows (the rest are padding,
+    never active). Dense layers hold `max_seq_len` slots; a routed layer holds what its rows cached
+    plus `headroom` slots, and `reserve` grows it (outside a step) when a row could outrun them.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_seq_len: int, routed_slots: int, dtype, device):
+        self.cfg, self.batch_size, self.max_seq_len = cfg, batch_size, max_seq_len
+        routed = set(cfg.kv_routed_layer_ids)
+        self.layers = [
+            StaticLayerKV(batch_size, cfg.n_kv_heads, cfg.head_dim, min(routed_slots, max_seq_len)
+                          if i in routed else max_seq_len, dtype, device, i in routed)
+            for i in range(cfg.n_layers)
+        ]
+        self.seq_lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,) device
+        self.slack = 0
+        """Decode steps that surely fit every routed layer's buffers (a host-side bound: a step
+        adds at most one token per row)."""
+
+    def static_slot(self, layer_id: int, write: torch.Tensor) -> StaticSlot:
+        return StaticSlot(self.layers[layer_id], write)
+
+    def load(self, cache: KVCache, headroom: int) -> None:
+        """Copy a prefilled cache's rows in (the others are emptied) and size the routed layers to
+        hold what they cached plus `headroom` tokens per row (a step never reallocates)."""
+        B = cache.batch_size
+        if B > self.batch_size or cache.max_seq_len > self.max_seq_len:
+            raise ValueError(f"a cache of {B} rows x {cache.max_seq_len} tokens does not fit a static cache of "
+                             f"{self.batch_size} x {self.max_seq_len}")
+        most = max([int(src.lengths.max()) for src in cache.layers if src.routed] or [0])
+        need = min(self.max_seq_len, most + headroom)
+        for src, dst in zip(cache.layers, self.layers):
+            # a buffer much larger than needed is read in full by every step: shrink it too
+            if dst.routed and (dst.spare < need or dst.spare > 2 * need):
+                dst.resize(need)
+            n = min(src.capacity, dst.spare)
+            dst.k[:B, :, :n] = src.k[:, :, :n]
+            dst.v[:B, :, :n] = src.v[:, :, :n]
+            dst.lengths.zero_()
+            dst.lengths[:B] = src.lengths.to(dst.lengths.device)
+        self.seq_lengths.zero_()
+        self.seq_lengths[:B] = cache.seq_lengths.to(self.seq_lengths.device)
+        self.slack = min(layer.spare for layer in self.layers) - most
+
+    def reserve(self, headroom: int) -> bool:
+        """Make sure the next step fits: when the host-side bound runs out, read the fill lengths
+        (one sync) and grow the routed layers that need it by `headroom` (or by half). Returns whether buffers
+        were reallocated (a captured CUDA graph of the step must then be captured again)."""
+        if self.slack >= 1:
+            return False
+        routed = [layer for layer in self.layers if layer.routed]
+        most = [int(layer.lengths.max()) for layer in routed]  # host syncs, once per `headroom` steps at most
+        grown = False
+        for layer, m in zip(routed, most):
+            if layer.spare - m < 1 and layer.spare < self.max_seq_len:
+                # by half at least: each new size means a new compiled or captured step
+                layer.resize(min(self.max_seq_len, max(m + headroom, layer.spare + layer.spare // 2)))
+                grown = True
+        # a layer at max_seq_len cannot overflow: a row never holds more tokens than that
+        self.slack = max(1, min([layer.spare - m for layer, m in zip(routed, most)] or [1]))
+        return grown
+
+    def step_taken(self) -> None:
+        self.slack -= 1
+
+    # ---- accounting ---------------------------------------------------------------------------
+    def _host_lengths(self) -> list[torch.Tensor]:
+        return [layer.lengths.cpu() for layer in self.layers]
+
+    def _tokens_seen(self) -> int:
+        return int(self.seq_lengths.sum())

@@ -252,3 +252,8 @@ class Block(nn.Module):
         cos, sin = rope(position_ids)
         slot = cache.dense_slot(self.layer_id) if cache is not None else None
         return x + self.delta(x, cos, sin, slot), None
+
+    def decode_static(self, x: torch.Tensor, cos, sin, cache, active: torch.Tensor) -> torch.Tensor:
+        """One static-shape decode step (`mixdepth.static`): every row runs the block, (B, 1, D) ->
+        (B, 1, D); a row that is not `active` (B,) stores its key and value in the spare slot."""
+        return x + self.delta(x, cos, sin, cache.static_slot(self.layer_id, active))

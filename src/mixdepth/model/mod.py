@@ -291,6 +291,31 @@ class MoDBlock(Block):
         out_rows = self._run_block(xr, rope, pr, idx, ok, rr, slot)
         return x.index_copy(0, rows, out_rows), info
 
+    # ---- static-shape decoding (mixdepth.static) ----------------------------------------------
+    # A decode step split in three, so the caller can skip `run_static` on the device when no row
+    # chose the block (torch.cond, or a CUDA graph conditional node) and compile each piece.
+    def decide_static(self, x, cos, sin, cache, active, threshold=None):
+        """(B, 1, D) -> (x, router scores (B, 1), chosen (B,) bool): the causal decision of each
+        active row. With `routing.unit` `mlp`, every active row runs attention first."""
+        if self.rc.unit == "mlp":
+            x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache.static_slot(self.layer_id, active))
+        r = self.router(x)  # (B, 1)
+        t = self.causal_threshold if threshold is None else threshold
+        return x, r, (self.router.causal_score(x, r) > t)[:, 0] & active
+
+    def run_static(self, x, r, chosen, cos, sin, cache):
+        """The routed unit for every row, kept for the `chosen` ones: the others neither change
+        their residual (a select, not a multiply: their discarded output may be anything) nor
+        store a key or value (spare slot). The weights are read once, whoever chose."""
+        slot = cache.static_slot(self.layer_id, chosen) if self.rc.unit != "mlp" else None
+        delta = self.routed_delta(x, cos, sin, slot)  # (B, 1, D)
+        gated = delta * self.router.gate(r)[..., None].to(delta.dtype)
+        return x + torch.where(chosen[:, None, None], gated, torch.zeros((), dtype=gated.dtype, device=x.device))
+
+    def finish_static(self, x):
+        """What every row runs after the routed unit: the MLP, when only attention is routed."""
+        return x + self.mlp(self.post_attention_layernorm(x)) if self.rc.unit == "attn" else x
+
     def _decode_step(self, x, rope, pos, r, chosen, cache):
         """One new token per row: only the rows whose token chose the block run it (by index)."""
         B = x.shape[0]
