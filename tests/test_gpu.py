@@ -53,3 +53,23 @@ def test_generate_on_cuda():
     gen = generate(model, [[1, 2, 3, 4], [5, 6]], max_new_tokens=8)
     result = gen.run()
     assert len(result.tokens) == 2 and all(len(t) > 0 for t in result.tokens)
+
+
+@pytest.mark.parametrize("fraction", [0.25, 0.0])
+def test_static_decoder_captures_cuda_graphs_and_matches_eager(fraction):
+    """The captured step (a conditional node per routed layer) gives the eager path's tokens and
+    routing; at fraction 0 no row ever chooses a routed layer, so every conditional node skips."""
+    from mixdepth.generate import generate
+    from mixdepth.static import StaticDecoder, conditional_nodes_available
+
+    model, cfg = _model()
+    ids = torch.randint(0, cfg.vocab_size, (4, 64), device="cuda")
+    with torch.no_grad():
+        model.calibrate_causal(ids, 0.25)
+    prompts = [[1, 2, 3, 4, 5], [6, 7], [8, 9, 10]]
+    want = generate(model, prompts, max_new_tokens=12, fraction=fraction).run()
+    dec = StaticDecoder(model, compile=True)
+    got = generate(model, prompts, max_new_tokens=12, fraction=fraction, decoder=dec).run()
+    assert dec.captures >= 1 and dec.skip == ("graph" if conditional_nodes_available() else "host")
+    assert got.tokens == want.tokens
+    assert all(torch.equal(a, b) for a, b in zip(got.routing, want.routing))

@@ -33,6 +33,7 @@ import torch
 from . import flops
 from .config import ModelConfig
 from .runtime import compile_blocks
+from .static import StaticDecoder
 
 log = logging.getLogger("mixdepth")
 
@@ -162,17 +163,22 @@ def bench_prefill(cfg: ModelConfig, batch_size: int, seq_len: int, *, device, dt
 
 @torch.no_grad()
 def bench_decode(cfg: ModelConfig, batch_size: int, context: int, new_tokens: int, *, device, dtype,
-                 rounds: int = 3, pair=None, stream: torch.Tensor | None = None) -> dict:
+                 rounds: int = 3, pair=None, stream: torch.Tensor | None = None, compile: bool = False,
+                 backend: str | None = None) -> dict:
     """Decode `new_tokens` steps after a `context`-token prefill; median over `rounds` alternations.
 
     `pair` (dense, mod) and `stream` (batch x (context + new_tokens) token ids) time given models on
     given text, e.g. a trained model at its own calibrated thresholds (the sweep); by default a random
     pair is built and calibrated on a random stream to route `capacity`.
+
+    With `compile`, both models decode with static-shape steps (`mixdepth.static.StaticDecoder`: a
+    CUDA graph per model on a GPU, torch.compile with `backend` on a CPU); the first step of each
+    (compilation or capture) is timed apart, as `compile_s`.
     """
+    kw = dict(device=device, dtype=dtype, rounds=rounds, compile=compile, backend=backend)
     if pair is not None:
         dense, mod = pair
-        return _time_decode(cfg, dense, mod, stream, batch_size, context, new_tokens, device=device, dtype=dtype,
-                            rounds=rounds)
+        return _time_decode(cfg, dense, mod, stream, batch_size, context, new_tokens, **kw)
     dense, mod = build_pair(cfg, device, dtype)
     g = torch.Generator().manual_seed(1)
     # Decode steps are fed a fixed random token stream (teacher forcing) rather than the argmax of a
@@ -184,40 +190,66 @@ def bench_decode(cfg: ModelConfig, batch_size: int, context: int, new_tokens: in
     mod.calibrate_causal(stream, cfg.routing.capacity)
     if cfg.moe.noop:  # integrated MoDE: the no-op share fixed the same way
         mod.calibrate_noop(stream)
-    return _time_decode(cfg, dense, mod, stream, batch_size, context, new_tokens, device=device, dtype=dtype,
-                        rounds=rounds)
+    return _time_decode(cfg, dense, mod, stream, batch_size, context, new_tokens, **kw)
 
 
 @torch.no_grad()
 def _time_decode(cfg: ModelConfig, dense, mod, stream: torch.Tensor, batch_size: int, context: int, new_tokens: int,
-                 *, device, dtype, rounds: int) -> dict:
+                 *, device, dtype, rounds: int, compile: bool = False, backend: str | None = None) -> dict:
     prompt = stream[:, :context]
     S = context + new_tokens
-    caches = {name: m.make_cache(batch_size, S, dtype=dtype, device=device) for name, m in (("dense", dense),
-                                                                                            ("mod", mod))}
+    models = {"dense": dense, "mod": mod}
+    caches = {name: m.make_cache(batch_size, S, dtype=dtype, device=device) for name, m in models.items()}
     states = {}
-    for name, m in (("dense", dense), ("mod", mod)):  # prefill once; each round decodes from there
+    for name, m in models.items():  # prefill once; each round decodes from there
         m(prompt, mode="causal", cache=caches[name], last_only=True)
         states[name] = caches[name].fill_state()
+    decoders = {name: StaticDecoder(m, compile=True, backend=backend) for name, m in models.items()} if compile else {}
+    final = dict(caches)  # the cache each model's decoding fills, for the KV figures
+    compile_s: dict[str, float] = {}
+    peak: dict[str, int] = {}
 
-    def run(name: str, m) -> float:
-        cache = caches[name]
+    def run(name: str) -> float:
+        cache, m = caches[name], models[name]
         cache.restore_fill(states[name])
+        dec = decoders.get(name)
+        if dec is not None:
+            final[name] = dec.start(cache, fraction=cfg.routing.capacity)  # a copy, not timed
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
         _sync(device)
         t0 = time.perf_counter()
         for i in range(new_tokens):
-            out = m(stream[:, context + i : context + i + 1], mode="causal", cache=cache)
-            out.logits[:, -1].argmax(-1)
+            token = stream[:, context + i]
+            if dec is not None:
+                logits = dec.step(token)[0]
+            else:
+                logits = m(token[:, None], mode="causal", cache=cache).logits[:, -1]
+            logits.argmax(-1)
         _sync(device)
-        return time.perf_counter() - t0
+        elapsed = time.perf_counter() - t0
+        if device.type == "cuda":  # both models are resident: count this one's weights and cache, and
+            # what its steps allocated on top (activations, a growing cache)
+            own = sum(p.numel() * p.element_size() for p in m.parameters()) + final[name].bytes_allocated()
+            peak[name] = max(peak.get(name, 0), own + torch.cuda.max_memory_allocated(device) - base)
+        return elapsed
 
-    run("dense", dense), run("mod", mod)  # warm-up
+    for name in models:  # warm-up; with static steps, the first step compiles or captures
+        if name in decoders:
+            caches[name].restore_fill(states[name])
+            decoders[name].start(caches[name], fraction=cfg.routing.capacity)
+            t0 = time.perf_counter()
+            decoders[name].step(stream[:, context])
+            _sync(device)
+            compile_s[name] = time.perf_counter() - t0
+        run(name)
     times: dict[str, list[float]] = {"dense": [], "mod": []}
     for _ in range(rounds):
-        times["dense"].append(run("dense", dense))
-        times["mod"].append(run("mod", mod))
+        times["dense"].append(run("dense"))
+        times["mod"].append(run("mod"))
     td, tm = statistics.median(times["dense"]), statistics.median(times["mod"])
-    cache, dense_cache = caches["mod"], caches["dense"]
+    cache, dense_cache = final["mod"], final["dense"]
     kv_ratio = cache.bytes_in_use() / dense_cache.bytes_in_use()
     kv_alloc = cache.bytes_allocated() / dense_cache.bytes_allocated()
     decoded = batch_size * new_tokens
@@ -233,10 +265,17 @@ def _time_decode(cfg: ModelConfig, dense, mod, stream: torch.Tensor, batch_size:
     ctx = context + new_tokens // 2
     ideal = flops.decode_flops_per_token(flops.dense_twin(cfg), ctx) / \
         flops.decode_flops_per_token(cfg, ctx, routed_fraction=frac_decode)
+    extra = {}
+    if compile:
+        extra = dict(dense_compile_s=compile_s["dense"], mod_compile_s=compile_s["mod"],
+                     captures=sum(d.captures for d in decoders.values()))
+    if peak:
+        extra.update(dense_peak_bytes=peak["dense"], mod_peak_bytes=peak["mod"])
     return _record(
         f"decode-b{batch_size}", td, tm, decoded, ideal, kv_bytes_ratio=kv_ratio, kv_alloc_ratio=kv_alloc,
-        routed_frac_decode=frac_decode,
-        settings=_settings(cfg, batch_size=batch_size, context=context, new_tokens=new_tokens, dtype=str(dtype)),
+        routed_frac_decode=frac_decode, **extra,
+        settings=_settings(cfg, batch_size=batch_size, context=context, new_tokens=new_tokens, dtype=str(dtype),
+                           compile=compile),
     )
 
 

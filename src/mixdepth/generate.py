@@ -17,6 +17,10 @@ The pieces, gpt-fast style:
   routing decisions per token for routing maps);
 - `generate_text(model, tokenizer, prompts, ...)` on top; the CLI is `mixdepth.commands.generate`.
 
+With `compile` (or a `decoder`), decoding runs static-shape steps instead of `decode_one`
+(`mixdepth.static`: no host sync inside a step, a CUDA graph per batch bucket on a GPU); prefill
+is the same.
+
 Generation state is per call: each generation makes its own KV cache (`model.make_cache`) and,
 for a routed fraction other than the calibrated one, its own thresholds
 (`model.causal_thresholds`); the model is only read, so one model can serve several generations
@@ -34,7 +38,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .kvcache import KVCache
+from .kvcache import KVCache, StaticCache
+from .static import StaticDecoder
 
 log = logging.getLogger("mixdepth")
 
@@ -208,8 +213,9 @@ class GenerationResult:
     kv_bytes_allocated: int = 0
     kv_bytes_dense: int = 0
     """KV bytes a dense model of the same size would hold for the same tokens."""
-    cache: KVCache | None = field(default=None, repr=False)
-    """The generation's KV cache as the generation left it, for inspection."""
+    cache: KVCache | StaticCache | None = field(default=None, repr=False)
+    """The generation's KV cache as the generation left it, for inspection (with static steps the
+    decoder's `StaticCache`, batch padded to its bucket)."""
 
     @property
     def new_tokens(self) -> int:
@@ -296,6 +302,8 @@ def generate(
     stop: Sequence[int | Sequence[int]] | None = None,
     fraction: float | None = None,
     chunk_size: int | None = 512,
+    compile: bool = False,
+    decoder=None,
 ) -> Generation:
     """Generate continuations of a batch of prompts with the KV cache, streaming token ids.
 
@@ -319,6 +327,10 @@ def generate(
             calibrated thresholds are never changed. 0 and 1 need no calibration: at 1 every token
             enters every block (the dense function).
         chunk_size: prompt tokens per prefill forward call (None: all at once).
+        compile: decode with static-shape steps (`mixdepth.static`), captured as CUDA graphs on a
+            GPU or compiled on a CPU; the tokens and logits are those of the eager steps.
+        decoder: a `StaticDecoder` of this model to decode with (kept across calls, it keeps its
+            buffers and captured graphs); implies static steps.
 
     Returns:
         A `Generation`: iterate it for (B,) token ids per step; then `.result`.
@@ -357,6 +369,10 @@ def generate(
             raise ValueError("cannot set the routed fraction: the model was never calibrated "
                              "(run model.calibrate_causal on held-out text and save the checkpoint)")
         thresholds = model.causal_thresholds(fraction)  # for this generation only
+    if decoder is None and compile:
+        decoder = StaticDecoder(model, compile=True)
+    if decoder is not None and decoder.model is not model:
+        raise ValueError("the decoder was made for another model")
     device = model.embed_tokens.weight.device
     if generator is None and temperature > 0:
         generator = torch.Generator(device=device)
@@ -365,13 +381,13 @@ def generate(
     def run(stream: Generation) -> Iterator[torch.Tensor]:
         stream.result = yield from _loop(model, prompts, stream, max_new_tokens, stops, fraction, thresholds,
                                          chunk_size, dict(temperature=temperature, top_k=top_k, top_p=top_p,
-                                                          generator=generator))
+                                                          generator=generator), decoder)
         return stream.result
 
     return Generation(run)
 
 
-def _loop(model, prompts, stream, max_new_tokens, stops, fraction, thresholds, chunk_size, sampling):
+def _loop(model, prompts, stream, max_new_tokens, stops, fraction, thresholds, chunk_size, sampling, decoder):
     cfg = model.cfg
     device = model.embed_tokens.weight.device
     B = len(prompts)
@@ -394,11 +410,13 @@ def _loop(model, prompts, stream, max_new_tokens, stops, fraction, thresholds, c
     ids = nxt.tolist()  # host sync: the timing below is honest on GPU too
     prefill_s = time.perf_counter() - t0
     pm = torch.stack([prefill_masks[i].cpu() for i in routed]) if routed else torch.zeros(0, B, T, dtype=torch.bool)
+    if decoder is not None:  # static steps from here: the prefilled cache is copied into the decoder's
+        cache = stream.cache = decoder.start(cache, fraction=fraction, thresholds=thresholds)
 
     out: list[list[int]] = [[] for _ in range(B)]
     reasons = [""] * B
     active = torch.ones(B, dtype=torch.bool)  # host
-    step_masks: list[torch.Tensor] = []  # each (R, B): decisions of the step's fed tokens
+    step_masks: list[torch.Tensor] = []  # each (R, B) on the device: decisions of the step's fed tokens
     step_active: list[torch.Tensor] = []  # each (B,): which rows fed a token at that step
     decode_s, steps = 0.0, 0
     while True:
@@ -420,13 +438,19 @@ def _loop(model, prompts, stream, max_new_tokens, stops, fraction, thresholds, c
             break
         t0 = time.perf_counter()
         feed = torch.tensor([i if a else 0 for i, a in zip(ids, active.tolist())], device=device)
-        logits, masks = decode_one(model, cache, feed, active.clone(), thresholds=thresholds)
+        if decoder is not None:
+            logits, chosen = decoder.step(feed, active.to(device))
+            chosen = chosen.clone()  # the step's output buffer is reused by the next step
+        else:
+            logits, masks = decode_one(model, cache, feed, active.clone(), thresholds=thresholds)
+            chosen = torch.stack([masks[i] for i in routed]) if routed else torch.zeros(0, B, dtype=torch.bool)
         nxt = sample(logits, **sampling)
-        ids = nxt.tolist()
+        ids = nxt.tolist()  # the step's one host sync: stop tokens are checked on the host
         decode_s += time.perf_counter() - t0
         steps += 1
         step_active.append(active.clone())
-        step_masks.append(torch.stack([masks[i] for i in routed]).cpu() if routed else torch.zeros(0, B, dtype=bool))
+        step_masks.append(chosen)
+    step_masks = list(torch.stack(step_masks).cpu()) if step_masks else []
 
     # per-row routing maps: prompt decisions, then the decisions of each fed generated token
     R = len(routed)

@@ -30,7 +30,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--route-every", default="1,2", help="capacities: comma-separated route_every values")
     parser.add_argument("--iters", type=int, default=5, help="timed training or prefill iterations per model (median)")
     add_device_args(parser)
-    parser.add_argument("--compile", action="store_true", help="torch.compile the models (train and prefill)")
+    parser.add_argument("--compile", action="store_true",
+                        help="train and prefill: torch.compile each block; decode: static-shape steps for both "
+                             "models, captured as a CUDA graph on a GPU, torch.compile on a CPU (compile time "
+                             "reported apart)")
     parser.add_argument("--json", default=None, metavar="FILE", help="write the records as a JSON list")
 
 
@@ -46,6 +49,10 @@ def _fmt(rec: dict) -> str:
     if "kv_bytes_ratio" in rec:
         s += f"   kv {rec['kv_bytes_ratio']:.2f}x (alloc {rec['kv_alloc_ratio']:.2f}x), " \
              f"routed {rec['routed_frac_decode']:.3f}"
+    if "mod_peak_bytes" in rec:
+        s += f", peak {rec['dense_peak_bytes'] / 2**30:.2f}/{rec['mod_peak_bytes'] / 2**30:.2f} GiB"
+    if "mod_compile_s" in rec:
+        s += f", compile {rec['dense_compile_s']:.1f}/{rec['mod_compile_s']:.1f} s"
     return s
 
 
@@ -84,8 +91,8 @@ def run(args: argparse.Namespace) -> int:
             recs = bench.bench_moe(cfg, args.batch_size, args.seq_len, batches, args.context, args.new_tokens,
                                    iters=args.iters, rounds=args.rounds, **kw)
         elif w == "decode":
-            recs = [bench.bench_decode(cfg, b, args.context, args.new_tokens, rounds=args.rounds, **kw)
-                    for b in batches]
+            recs = [bench.bench_decode(cfg, b, args.context, args.new_tokens, rounds=args.rounds,
+                                       compile=args.compile, **kw) for b in batches]
         else:
             recs = [bench.bench_memory(cfg, args.batch_size, args.seq_len, **kw)]
         for r in recs:

@@ -36,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="wrap each prompt as a user message in the tokenizer's chat template (a converted "
                              "model's Hugging Face tokenizer) and stop at its end-of-turn token")
     parser.add_argument("--chunk-size", type=int, default=512, help="prompt tokens per prefill step (default: 512)")
+    parser.add_argument("--compile", action="store_true",
+                        help="decode with static-shape steps: a CUDA graph per batch bucket on a GPU (layers no "
+                             "row chose are skipped on the device), torch.compile on a CPU; same tokens as without")
     parser.add_argument("--routing-map", default=None, metavar="OUT.png",
                         help="save the routing map of what was generated (one per prompt), with the decisions "
                              "as .npz beside it")
@@ -72,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         model, tokenizer, prompts, stop_strings=stops, chat=args.chat,
         on_text=(lambda b, piece: print(piece, end="", flush=True)) if single else None,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        seed=args.seed, fraction=fraction, chunk_size=args.chunk_size,
+        seed=args.seed, fraction=fraction, chunk_size=args.chunk_size, compile=args.compile,
     )
     if single:
         print()
