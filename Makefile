@@ -4,7 +4,7 @@ PY ?= python3
 VENV := .venv
 TORCH ?= torch==2.13.0
 
-.PHONY: venv test test-slow test-smollm demo lint bench clean smollm-curve sweep
+.PHONY: venv test test-slow test-smollm test-compile demo lint bench clean smollm-curve sweep
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -27,6 +27,10 @@ test-slow: venv
 # the slow test the HF issue names: the real SmolLM2 checkpoint converted, parity with transformers
 test-smollm: venv
 	$(VENV)/bin/python -m pytest -q -m slow -k smollm
+
+# the slow tests the static-decode issue names: generate/bench --compile end to end, and per-block compile
+test-compile: venv
+	$(VENV)/bin/python -m pytest -q -m slow tests/test_static.py tests/test_compile.py
 
 # issue 16's recipe on the real SmolLM2: convert, then sensitivity, router tuning and the quality/speed
 # curve against layer dropping and random routing (about 45 minutes on 2 CPU cores; running it again resumes)
