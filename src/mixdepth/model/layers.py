@@ -25,7 +25,8 @@ from ..config import ModelConfig
 # it ran 3x slower (d=512, 1 row: 52 vs 15 us). So the choice is measured, once per shape and
 # process, on the first inference call (`_transposed_is_faster`). A single row is duplicated, since
 # one-row products take a slower matrix-vector path. Inference on CPU only, for weights too big to
-# stay in cache (small ones, such as the predictor's, gain nothing); training and CUDA use F.linear.
+# stay in cache (small ones, such as the predictor's, gain nothing); training, CUDA and traced code
+# (torch.compile) use F.linear.
 _FEW_ROWS = 16
 _BIG_WEIGHT = 1 << 18  # elements: a 512 x 512 projection
 _TRANSPOSED_FASTER: dict[tuple[int, int, int], bool] = {}  # (rows, out, in) -> W @ x^T measured faster
@@ -70,7 +71,8 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
         if (x.device.type != "cpu" or rows > _FEW_ROWS or rows == 0 or self.weight.numel() < _BIG_WEIGHT
-                or torch.is_grad_enabled() or not _transposed_is_faster(rows, self.weight)):
+                or torch.is_grad_enabled() or torch.compiler.is_compiling()  # a compiler picks its own kernels
+                or not _transposed_is_faster(rows, self.weight)):
             return F.linear(x, self.weight, self.bias)
         y = _transposed_mm(x.reshape(rows, self.in_features), self.weight)  # (M, out)
         if self.bias is not None:
