@@ -208,6 +208,11 @@ class GenerationResult:
     prefill_tokens: int = 0
     prefill_s: float = 0.0
     decode_s: float = 0.0
+    """Seconds of decode steps, without `compile_s`."""
+    compile_s: float = 0.0
+    """Seconds of the static decode steps that compiled or captured a CUDA graph (`compile`)."""
+    compile_tokens: int = 0
+    """Tokens those steps made: left out of `decode_tokens_per_s`, as their time is of `decode_s`."""
     decode_steps: int = 0
     kv_bytes_in_use: int = 0
     kv_bytes_allocated: int = 0
@@ -223,14 +228,14 @@ class GenerationResult:
 
     @property
     def tokens_per_s(self) -> float:
-        """New tokens per second of model time (prefill + decode), all rows together."""
+        """New tokens per second of model time (prefill + decode), all rows together (compiling steps apart)."""
         t = self.prefill_s + self.decode_s
-        return self.new_tokens / t if t > 0 else float("nan")
+        return (self.new_tokens - self.compile_tokens) / t if t > 0 else float("nan")
 
     @property
     def decode_tokens_per_s(self) -> float:
         """Tokens made by decode steps per second of decoding (the first token comes from prefill)."""
-        n = self.new_tokens - len(self.tokens)
+        n = self.new_tokens - len(self.tokens) - self.compile_tokens
         return n / self.decode_s if self.decode_s > 0 else float("nan")
 
     @property
@@ -418,7 +423,7 @@ def _loop(model, prompts, stream, max_new_tokens, stops, fraction, thresholds, c
     active = torch.ones(B, dtype=torch.bool)  # host
     step_masks: list[torch.Tensor] = []  # each (R, B) on the device: decisions of the step's fed tokens
     step_active: list[torch.Tensor] = []  # each (B,): which rows fed a token at that step
-    decode_s, steps = 0.0, 0
+    decode_s, compile_s, compile_tokens, steps = 0.0, 0.0, 0, 0
     while True:
         emitted = torch.full((B,), FINISHED, dtype=torch.long)
         for b in active.nonzero().flatten().tolist():
@@ -437,6 +442,7 @@ def _loop(model, prompts, stream, max_new_tokens, stops, fraction, thresholds, c
         if not active.any():
             break
         t0 = time.perf_counter()
+        c0 = decoder.compile_s if decoder is not None else 0.0
         feed = torch.tensor([i if a else 0 for i, a in zip(ids, active.tolist())], device=device)
         if decoder is not None:
             logits, chosen = decoder.step(feed, active.to(device))
@@ -446,7 +452,11 @@ def _loop(model, prompts, stream, max_new_tokens, stops, fraction, thresholds, c
             chosen = torch.stack([masks[i] for i in routed]) if routed else torch.zeros(0, B, dtype=torch.bool)
         nxt = sample(logits, **sampling)
         ids = nxt.tolist()  # the step's one host sync: stop tokens are checked on the host
-        decode_s += time.perf_counter() - t0
+        if decoder is not None and decoder.compile_s > c0:  # this step compiled: its time and tokens apart
+            compile_s += time.perf_counter() - t0
+            compile_tokens += int(active.sum())
+        else:
+            decode_s += time.perf_counter() - t0
         steps += 1
         step_active.append(active.clone())
         step_masks.append(chosen)
@@ -469,7 +479,8 @@ def _loop(model, prompts, stream, max_new_tokens, stops, fraction, thresholds, c
     return GenerationResult(
         tokens=out, prompt_lengths=lens.tolist(), finish_reasons=reasons, routed_layers=routed, routing=routing,
         routed_fraction=routed_fraction, decode_routed_fraction=decode_fraction, skipped_fraction=skipped,
-        prefill_tokens=int(lens.sum()), prefill_s=prefill_s, decode_s=decode_s, decode_steps=steps,
+        prefill_tokens=int(lens.sum()), prefill_s=prefill_s, decode_s=decode_s, compile_s=compile_s,
+        compile_tokens=compile_tokens, decode_steps=steps,
         kv_bytes_in_use=cache.bytes_in_use(), kv_bytes_allocated=cache.bytes_allocated(),
         kv_bytes_dense=cache.dense_bytes(), cache=cache,
     )
@@ -591,9 +602,11 @@ def _fmt_bytes(n: float) -> str:
 
 def format_stats(res: GenerationResult) -> str:
     """The statistics block that `mixdepth generate` prints."""
+    compiled = f"; compile {res.compile_s:.1f} s apart" if res.compile_s else ""
     lines = [
         f"tokens/s: {res.tokens_per_s:.1f} ({res.new_tokens} new tokens in {res.prefill_s + res.decode_s:.2f} s; "
-        f"prefill {res.prefill_tokens} tokens in {res.prefill_s:.3f} s, decode {res.decode_tokens_per_s:.1f} tok/s)"
+        f"prefill {res.prefill_tokens} tokens in {res.prefill_s:.3f} s, decode {res.decode_tokens_per_s:.1f} tok/s"
+        f"{compiled})"
     ]
     if res.routed_layers:
         per_layer = ", ".join(f"layer {i}: {100 * f:.1f}%" for i, f in res.routed_fraction.items())

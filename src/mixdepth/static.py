@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable
 
 import torch
@@ -80,7 +81,9 @@ def conditional_nodes_available() -> bool:
         from torch._higher_order_ops.cudagraph_conditional_nodes import _if_body  # noqa: F401
     except ImportError:
         return False
-    return hasattr(torch.cuda.CUDAGraph, "begin_capture_to_if_node")
+    graph = torch.cuda.CUDAGraph
+    return all(hasattr(graph, name) for name in ("begin_capture_to_if_node", "get_currently_capturing_graph",
+                                                  "end_capture_to_conditional_node"))
 
 
 # ---- the step ---------------------------------------------------------------------------------------
@@ -158,6 +161,9 @@ class StaticDecoder:
         self.thresholds: torch.Tensor | None = None
         self.captures = 0
         """CUDA graphs captured so far (one per bucket, again after a routed buffer grew)."""
+        self.compile_s = 0.0
+        """Seconds spent in steps that compiled or captured (a new bucket or buffer size)."""
+        self._seen: set[tuple] = set()
 
     def _when(self, capturing: bool) -> Callable:
         if self.graphs:
@@ -211,6 +217,11 @@ class StaticDecoder:
         n, B = self.rows, static.batch_size
         if static.reserve(self.headroom):
             self._graph.pop(B, None)
+        shapes = (B, *(layer.spare for layer in static.layers))
+        first = self.compile and shapes not in self._seen
+        if first:
+            self._seen.add(shapes)
+            t0 = time.perf_counter()
         if self.graphs:
             g = self._graph.get(B)
             if g is None:
@@ -224,6 +235,10 @@ class StaticDecoder:
             act[:n] = True if active is None else active.to(self.device)
             logits, chosen = self._fn(self.model, static, tok, act, self.thresholds, self._when(False))
         static.step_taken()
+        if first:
+            if self.graphs:
+                torch.cuda.synchronize(self.device)
+            self.compile_s += time.perf_counter() - t0
         return logits[:n], chosen[:, :n]
 
 
