@@ -55,21 +55,45 @@ def test_generate_on_cuda():
     assert len(result.tokens) == 2 and all(len(t) > 0 for t in result.tokens)
 
 
-@pytest.mark.parametrize("fraction", [0.25, 0.0])
-def test_static_decoder_captures_cuda_graphs_and_matches_eager(fraction):
-    """The captured step (a conditional node per routed layer) gives the eager path's tokens and
-    routing; at fraction 0 no row ever chooses a routed layer, so every conditional node skips."""
-    from mixdepth.generate import generate
-    from mixdepth.static import StaticDecoder, conditional_nodes_available
+def test_static_decoder_captures_cuda_graphs_and_matches_eager():
+    """Captured steps (a conditional node per routed layer) give the eager path's tokens, routing and
+    logits; one decoder serves generations at other fractions (its thresholds are copied into the
+    captured buffer; at fraction 0 every conditional node skips); a routed buffer that grows is
+    captured again."""
+    from mixdepth.generate import decode_one, generate
+    from mixdepth.static import StaticDecoder
 
     model, cfg = _model()
-    ids = torch.randint(0, cfg.vocab_size, (4, 64), device="cuda")
+    ids = torch.randint(0, cfg.vocab_size, (3, 40), device="cuda")
     with torch.no_grad():
         model.calibrate_causal(ids, 0.25)
-    prompts = [[1, 2, 3, 4, 5], [6, 7], [8, 9, 10]]
-    want = generate(model, prompts, max_new_tokens=12, fraction=fraction).run()
     dec = StaticDecoder(model, compile=True)
-    got = generate(model, prompts, max_new_tokens=12, fraction=fraction, decoder=dec).run()
-    assert dec.captures >= 1 and dec.skip == ("graph" if conditional_nodes_available() else "host")
-    assert got.tokens == want.tokens
-    assert all(torch.equal(a, b) for a, b in zip(got.routing, want.routing))
+    prompts = [[1, 2, 3, 4, 5], [6, 7], [8, 9, 10]]
+    for fraction in (0.25, 0.5, 0.0):
+        want = generate(model, prompts, max_new_tokens=12, fraction=fraction).run()
+        got = generate(model, prompts, max_new_tokens=12, fraction=fraction, decoder=dec).run()
+        assert got.tokens == want.tokens, fraction
+        assert all(torch.equal(a, b) for a, b in zip(got.routing, want.routing)), fraction
+    assert dec.captures >= 1
+    with torch.no_grad():
+        eager = model.make_cache(3, 48)
+        model(ids[:, :10], mode="causal", cache=eager)
+        src = model.make_cache(3, 48)
+        model(ids[:, :10], mode="causal", cache=src)
+        captured = dec.captures
+        dec.start(src, headroom=1)  # grows every few steps: each growth is a new capture
+        for t in range(10, 40):
+            want, _ = decode_one(model, eager, ids[:, t])
+            got, _ = dec.step(ids[:, t])
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert dec.captures > captured + 1
+    assert dec.skip == "graph", "conditional nodes fell back (see the warning)"
+
+
+def test_bench_decode_compile_on_cuda():
+    from mixdepth import bench
+
+    cfg = ModelConfig.from_name("debug")
+    rec = bench.bench_decode(cfg, 8, 64, 16, device=torch.device("cuda"), dtype=torch.bfloat16, rounds=2,
+                             compile=True)
+    assert rec["ratio"] > 0 and rec["captures"] == 2 and rec["mod_peak_bytes"] > 0

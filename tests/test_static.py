@@ -97,7 +97,11 @@ def test_skip_strategies_agree_and_a_layer_no_row_chose_is_untouched():
         skipped = static.layers[routed[0].layer_id]
         old = before.layers[routed[0].layer_id]
         assert torch.equal(skipped.lengths, old.lengths)
-        assert torch.equal(skipped.k[:, :, : old.spare], old.k[:, :, : old.spare])  # only the spare slot written
+        if when is when_always:  # the unit ran masked: only the spare slot was written
+            assert torch.equal(skipped.k[:, :, : old.spare], old.k[:, :, : old.spare])
+            assert not torch.equal(skipped.k, old.k)
+        else:  # skipped: not even the spare slot
+            assert torch.equal(skipped.k, old.k) and torch.equal(skipped.v, old.v)
         for now, was in zip(static.layers, before.layers):  # inactive rows: nothing stored, nothing advanced
             assert torch.equal(now.lengths[2:], was.lengths[2:])
             assert torch.equal(now.k[2:, :, : was.spare], was.k[2:, :, : was.spare])
@@ -145,8 +149,10 @@ def test_step_traces_as_one_graph_with_a_cond_per_routed_layer_and_no_host_sync(
 def test_compiled_decoder_generates_the_eager_tokens():
     model = _model(fraction=0.5)
     prompts = [[10, 20, 30, 40, 50, 60, 70], [5, 6, 7], [200, 100, 50, 25, 12]]
-    kw = dict(max_new_tokens=14, stop=[[97]], chunk_size=4)
+    free = generate(model, prompts, max_new_tokens=14).run()
+    kw = dict(max_new_tokens=14, stop=[[free.tokens[1][3]]], chunk_size=4)  # row 1 stops early
     want = generate(model, prompts, **kw).run()
+    assert len({len(t) for t in want.tokens}) > 1, "rows should finish at different steps"
     dec = StaticDecoder(model, compile=True, backend="aot_eager")
     got = generate(model, prompts, decoder=dec, **kw).run()
     assert got.tokens == want.tokens and got.finish_reasons == want.finish_reasons
@@ -158,13 +164,14 @@ def test_compiled_decoder_generates_the_eager_tokens():
     assert again.tokens == want.tokens and again.compile_s == 0 and again.compile_tokens == 0
 
 
+@pytest.mark.parametrize("backend", [None, "eager"])
 @torch.no_grad()
-def test_routed_buffers_grow_between_steps_when_rows_route_more():
+def test_routed_buffers_grow_between_steps_when_rows_route_more(backend):
     model = _model(fraction=0.6)
     ids = _ids(T=30)
     full = model(ids, mode="causal")
     cache, start = _prefilled(model, ids)
-    dec = StaticDecoder(model)
+    dec = StaticDecoder(model, compile=backend is not None, backend=backend)  # compiled: each size recompiles
     static = dec.start(cache, headroom=1)
     sizes = {layer.spare for layer in static.layers if layer.routed}
     for t in range(start, ids.shape[1]):
@@ -173,6 +180,35 @@ def test_routed_buffers_grow_between_steps_when_rows_route_more():
     assert {layer.spare for layer in static.layers if layer.routed} != sizes  # grew
     for layer in static.layers:
         assert int(layer.lengths.max()) <= layer.spare
+
+
+@torch.no_grad()
+def test_a_compiled_decoder_outlives_dynamos_recompile_limit():
+    """Buckets x buffer sizes make more compiled variants than dynamo's default limit (8), which with
+    fullgraph would be a hard error."""
+    model = _model()
+    dec = StaticDecoder(model, compile=True, backend="eager")
+    for rows in (1, 2, 3, 5, 9, 17):
+        for headroom in (3, 40):  # two sizes of the routed buffers per bucket
+            ids = _ids(B=rows, T=14, seed=rows)
+            full = model(ids, mode="causal")
+            cache, start = _prefilled(model, ids, chunks=(12,), max_len=20)
+            dec.start(cache, headroom=headroom)
+            logits, _ = dec.step(ids[:, start])
+            torch.testing.assert_close(logits, full.logits[:, start], rtol=0, atol=ATOL)
+    assert len(dec._seen) > 8
+
+
+def test_a_decoder_started_again_refuses_the_older_batch():
+    model = _model()
+    ids = _ids()
+    dec = StaticDecoder(model)
+    dec.start(_prefilled(model, ids)[0])
+    first = dec.started
+    dec.step(ids[:, 11], started=first)
+    dec.start(_prefilled(model, ids)[0])
+    with pytest.raises(ValueError, match="one generation at a time"):
+        dec.step(ids[:, 12], started=first)
 
 
 def test_buckets():

@@ -9,7 +9,10 @@ Cases:
 - `train`: forward + backward + AdamW step on `batch x seq_len` tokens (`topk` routing).
 - `prefill`: a forward pass without gradients on the same tokens (`topk` routing).
 - `decode-bN`: one-token decode steps with N rows and `context` tokens already cached, causal
-  routing with the threshold calibrated so that `capacity` of the tokens route.
+  routing with the threshold calibrated so that `capacity` of the tokens route. With `compile`,
+  both models run static-shape steps (`mixdepth.static`); on CUDA each record also holds each
+  model's peak memory: its weights and KV cache plus what its steps allocate (or, captured, what
+  the capture reserved).
 - `memory`: bytes of activations saved for the backward pass of one training step, and bytes of
   KV cache in use after a decode run (device independent: counted, not sampled).
 - `moe`: `train` and `decode-bN` for MoE, staged MoDE and integrated MoDE, each against the dense
@@ -207,6 +210,7 @@ def _time_decode(cfg: ModelConfig, dense, mod, stream: torch.Tensor, batch_size:
     decoders = {name: StaticDecoder(m, compile=True, backend=backend) for name, m in models.items()} if compile else {}
     final = dict(caches)  # the cache each model's decoding fills, for the KV figures
     compile_s: dict[str, float] = {}
+    pools: dict[str, int] = {}  # memory a captured step keeps reserved (its graph's pool)
     peak: dict[str, int] = {}
 
     def run(name: str) -> float:
@@ -218,6 +222,7 @@ def _time_decode(cfg: ModelConfig, dense, mod, stream: torch.Tensor, batch_size:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
             base = torch.cuda.memory_allocated(device)
+            own = sum(p.numel() * p.element_size() for p in m.parameters()) + final[name].bytes_allocated()
         _sync(device)
         t0 = time.perf_counter()
         for i in range(new_tokens):
@@ -229,20 +234,25 @@ def _time_decode(cfg: ModelConfig, dense, mod, stream: torch.Tensor, batch_size:
             logits.argmax(-1)
         _sync(device)
         elapsed = time.perf_counter() - t0
-        if device.type == "cuda":  # both models are resident: count this one's weights and cache, and
-            # what its steps allocated on top (activations, a growing cache)
-            own = sum(p.numel() * p.element_size() for p in m.parameters()) + final[name].bytes_allocated()
-            peak[name] = max(peak.get(name, 0), own + torch.cuda.max_memory_allocated(device) - base)
+        if device.type == "cuda":  # both models are resident: count this one's weights and cache as the
+            # run began, and what its steps allocated on top (activations, a growing cache) or, for a
+            # captured step, what its capture reserved
+            step = max(torch.cuda.max_memory_allocated(device) - base, pools.get(name, 0))
+            peak[name] = max(peak.get(name, 0), own + step)
         return elapsed
 
     for name in models:  # warm-up; with static steps, the first step compiles or captures
         if name in decoders:
             caches[name].restore_fill(states[name])
             decoders[name].start(caches[name], fraction=cfg.routing.capacity)
+            _sync(device)
+            reserved = torch.cuda.memory_reserved(device) if device.type == "cuda" else 0
             t0 = time.perf_counter()
             decoders[name].step(stream[:, context])
             _sync(device)
             compile_s[name] = time.perf_counter() - t0
+            if device.type == "cuda":
+                pools[name] = torch.cuda.memory_reserved(device) - reserved
         run(name)
     times: dict[str, list[float]] = {"dense": [], "mod": []}
     for _ in range(rounds):

@@ -207,6 +207,7 @@ class GenerationResult:
     routed layers); 0 for a model with no routed layer."""
     prefill_tokens: int = 0
     prefill_s: float = 0.0
+    """Seconds to the first new token (with `compile`, the copy of the cache into the decoder too)."""
     decode_s: float = 0.0
     """Seconds of decode steps, without `compile_s`."""
     compile_s: float = 0.0
@@ -412,11 +413,12 @@ def _loop(model, prompts, stream, max_new_tokens, stops, fraction, thresholds, c
     t0 = time.perf_counter()
     logits, prefill_masks = prefill(model, cache, tokens.to(device), lens, chunk_size, thresholds=thresholds)
     nxt = sample(logits, **sampling)  # (B,)
+    if decoder is not None:  # static steps from here: the prefilled cache is copied into the decoder's
+        cache = stream.cache = decoder.start(cache, fraction=fraction, thresholds=thresholds)
+        started = decoder.started
     ids = nxt.tolist()  # host sync: the timing below is honest on GPU too
     prefill_s = time.perf_counter() - t0
     pm = torch.stack([prefill_masks[i].cpu() for i in routed]) if routed else torch.zeros(0, B, T, dtype=torch.bool)
-    if decoder is not None:  # static steps from here: the prefilled cache is copied into the decoder's
-        cache = stream.cache = decoder.start(cache, fraction=fraction, thresholds=thresholds)
 
     out: list[list[int]] = [[] for _ in range(B)]
     reasons = [""] * B
@@ -445,7 +447,7 @@ def _loop(model, prompts, stream, max_new_tokens, stops, fraction, thresholds, c
         c0 = decoder.compile_s if decoder is not None else 0.0
         feed = torch.tensor([i if a else 0 for i, a in zip(ids, active.tolist())], device=device)
         if decoder is not None:
-            logits, chosen = decoder.step(feed, active.to(device))
+            logits, chosen = decoder.step(feed, active.to(device), started=started)
             chosen = chosen.clone()  # the step's output buffer is reused by the next step
         else:
             logits, masks = decode_one(model, cache, feed, active.clone(), thresholds=thresholds)

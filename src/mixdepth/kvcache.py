@@ -355,10 +355,14 @@ class StaticCache(_Accounting):
         if self.slack >= 1:
             return False
         routed = [layer for layer in self.layers if layer.routed]
-        most = [int(layer.lengths.max()) for layer in routed]  # host syncs, once per `headroom` steps at most
+        if not routed:
+            self.slack = self.max_seq_len
+            return False
+        most = torch.stack([layer.lengths for layer in routed]).amax(1).tolist()  # one host sync
         grown = False
         for layer, m in zip(routed, most):
-            if layer.spare - m < 1 and layer.spare < self.max_seq_len:
+            # grown before it is full, so the next sync is a quarter of `headroom` steps away at least
+            if layer.spare - m < max(1, headroom // 4) and layer.spare < self.max_seq_len:
                 # by half at least: each new size means a new compiled or captured step
                 layer.resize(min(self.max_seq_len, max(m + headroom, layer.spare + layer.spare // 2)))
                 grown = True

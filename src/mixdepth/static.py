@@ -81,6 +81,10 @@ def conditional_nodes_available() -> bool:
         from torch._higher_order_ops.cudagraph_conditional_nodes import _if_body  # noqa: F401
     except ImportError:
         return False
+    if torch.version.hip is not None or torch.version.cuda is None:
+        return False
+    if tuple(int(v) for v in torch.version.cuda.split(".")[:2]) < (12, 4):
+        return False
     graph = torch.cuda.CUDAGraph
     return all(hasattr(graph, name) for name in ("begin_capture_to_if_node", "get_currently_capturing_graph",
                                                   "end_capture_to_conditional_node"))
@@ -104,7 +108,9 @@ def static_step(model, cache: StaticCache, tokens: torch.Tensor, active: torch.T
     Returns:
         logits (B, V) and chosen (R, B) bool: which rows entered each routed layer's block.
     """
-    pos = cache.seq_lengths[:, None]  # (B, 1)
+    # a row at the end of the cache can only be inactive (the caller keeps active rows inside it):
+    # clamped, its RoPE lookup stays in the table
+    pos = cache.seq_lengths.clamp(max=cache.max_seq_len - 1)[:, None]  # (B, 1)
     x = model.embed_tokens(tokens)[:, None]  # (B, 1, D)
     cos, sin = model.rope(pos)
     chosen, j = [], 0
@@ -128,7 +134,9 @@ class StaticDecoder:
     """Runs `static_step` for one model: padded batches, optional CUDA graphs or torch.compile.
 
     Made per generation or kept and reused (`generate(..., decoder=...)`): it owns a static cache per
-    batch bucket and, on a GPU with `compile`, the CUDA graph captured for it.
+    batch bucket and, on a GPU with `compile`, the CUDA graph captured for it. It decodes one batch at
+    a time: `start` hands it a new one, and steps of a batch started before then are refused.
+    Active rows must stay inside the cache (`generate` stops a row when its context is full).
 
     Args:
         model: a `MoDTransformer` that can decode causally and has no MoE layer.
@@ -154,7 +162,15 @@ class StaticDecoder:
                         "chose run anyway (masked) inside the captured step")
         self._fn = static_step
         if compile and not self.graphs:
-            self._fn = torch.compile(static_step, fullgraph=True, dynamic=False, backend=backend or "inductor")
+            compiled = torch.compile(static_step, fullgraph=True, dynamic=False, backend=backend or "inductor")
+
+            def run(*args):
+                # each bucket, model and buffer size is one more compiled variant of static_step, and
+                # with fullgraph dynamo fails past its recompile limit (8) instead of falling back
+                with torch._dynamo.config.patch(recompile_limit=1024):
+                    return compiled(*args)
+
+            self._fn = run
         self._caches: dict[int, StaticCache] = {}
         self._graph: dict[int, _Captured] = {}
         self.cache: StaticCache | None = None
@@ -163,6 +179,8 @@ class StaticDecoder:
         """CUDA graphs captured so far (one per bucket, again after a routed buffer grew)."""
         self.compile_s = 0.0
         """Seconds spent in steps that compiled or captured (a new bucket or buffer size)."""
+        self.started = 0
+        """Batches started so far; `step(started=...)` checks that its batch is still the current one."""
         self._seen: set[tuple] = set()
 
     def _when(self, capturing: bool) -> Callable:
@@ -205,20 +223,26 @@ class StaticDecoder:
         else:
             self.thresholds.copy_(t)  # in place: a captured graph reads this buffer
         self.cache, self.rows = static, cache.batch_size
+        self.started += 1
         return static
 
     @torch.no_grad()
-    def step(self, tokens: torch.Tensor, active: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def step(self, tokens: torch.Tensor, active: torch.Tensor | None = None, *,
+             started: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One decode step of the started batch: tokens (n,), active (n,) bool (default all).
+        `started`: the value of `self.started` after this batch's `start` (checked when given).
         Returns logits (n, V) and chosen (R, n), views of the step's outputs (valid until the next step)."""
         static = self.cache
         if static is None:
             raise ValueError("StaticDecoder.step before start(): give it a prefilled cache first")
+        if started is not None and started != self.started:
+            raise ValueError("this decoder was started on another batch since: one decoder decodes one "
+                             "generation at a time")
         n, B = self.rows, static.batch_size
         if static.reserve(self.headroom):
             self._graph.pop(B, None)
         shapes = (B, *(layer.spare for layer in static.layers))
-        first = self.compile and shapes not in self._seen
+        first = self.compile and (shapes not in self._seen or (self.graphs and B not in self._graph))
         if first:
             self._seen.add(shapes)
             t0 = time.perf_counter()
@@ -261,6 +285,18 @@ class _Captured:
             for _ in range(2):
                 run(when_always)
         torch.cuda.current_stream(dev).wait_stream(side)
+        if decoder.skip == "graph":
+            # the conditional nodes' first use inside a strict capture can fail on lazy setup: one
+            # capture in relaxed mode first, thrown away (a capture runs no kernel, so no side effect),
+            # as torch does for torch.cond in graphs; if conditional nodes fail here, none are used
+            try:
+                with torch.cuda.graph(torch.cuda.CUDAGraph(), stream=torch.cuda.Stream(dev),
+                                      capture_error_mode="relaxed"):
+                    run(when_graph_node)
+            except RuntimeError as e:
+                log.warning("CUDA graph conditional nodes failed (%s): routed layers that no row chose run "
+                            "anyway (masked) inside the captured step", str(e).splitlines()[0])
+                decoder.skip = "host"
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.logits, self.chosen = run(decoder._when(True))
