@@ -334,7 +334,8 @@ def generate(
             enters every block (the dense function).
         chunk_size: prompt tokens per prefill forward call (None: all at once).
         compile: decode with static-shape steps (`mixdepth.static`), captured as CUDA graphs on a
-            GPU or compiled on a CPU; the tokens and logits are those of the eager steps.
+            GPU or compiled on a CPU; the tokens and routing are those of the eager steps, the logits
+            equal within float tolerance.
         decoder: a `StaticDecoder` of this model to decode with (kept across calls, it keeps its
             buffers and captured graphs); implies static steps.
 

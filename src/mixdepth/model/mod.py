@@ -292,8 +292,8 @@ class MoDBlock(Block):
         return x.index_copy(0, rows, out_rows), info
 
     # ---- static-shape decoding (mixdepth.static) ----------------------------------------------
-    # A decode step split in three, so the caller can skip `run_static` on the device when no row
-    # chose the block (torch.cond, or a CUDA graph conditional node) and compile each piece.
+    # A decode step split in three, so the caller can skip `run_static` when no row chose the block
+    # (a CUDA graph conditional node, torch.cond, or a host `if` on a CPU).
     def decide_static(self, x, cos, sin, cache, active, threshold=None):
         """(B, 1, D) -> (x, router scores (B, 1), chosen (B,) bool): the causal decision of each
         active row. With `routing.unit` `mlp`, every active row runs attention first."""
@@ -310,7 +310,7 @@ class MoDBlock(Block):
         slot = cache.static_slot(self.layer_id, chosen) if self.rc.unit != "mlp" else None
         delta = self.routed_delta(x, cos, sin, slot)  # (B, 1, D)
         gated = delta * self.router.gate(r)[..., None].to(delta.dtype)
-        return x + torch.where(chosen[:, None, None], gated, torch.zeros((), dtype=gated.dtype, device=x.device))
+        return x + torch.where(chosen[:, None, None], gated, 0.0)
 
     def finish_static(self, x):
         """What every row runs after the routed unit: the MLP, when only attention is routed."""
