@@ -199,6 +199,9 @@ def bench_decode(cfg: ModelConfig, batch_size: int, context: int, new_tokens: in
 @torch.no_grad()
 def _time_decode(cfg: ModelConfig, dense, mod, stream: torch.Tensor, batch_size: int, context: int, new_tokens: int,
                  *, device, dtype, rounds: int, compile: bool = False, backend: str | None = None) -> dict:
+    if cfg.routed_layer_ids and not cfg.kv_routed_layer_ids:  # before any work
+        raise ValueError("bench decode reads the routed fraction off the KV cache, which MLP-only routing "
+                         "(routing.unit mlp) fills for every token: use unit block or attn")
     prompt = stream[:, :context]
     S = context + new_tokens
     models = {"dense": dense, "mod": mod}
@@ -263,9 +266,6 @@ def _time_decode(cfg: ModelConfig, dense, mod, stream: torch.Tensor, batch_size:
     kv_ratio = cache.bytes_in_use() / dense_cache.bytes_in_use()
     kv_alloc = cache.bytes_allocated() / dense_cache.bytes_allocated()
     decoded = batch_size * new_tokens
-    if cfg.routed_layer_ids and not cfg.kv_routed_layer_ids:
-        raise ValueError("bench decode reads the routed fraction off the KV cache, which MLP-only routing "
-                         "(routing.unit mlp) fills for every token: use unit block or attn")
     n_routed = len(cfg.routed_layer_ids)
     routed = sum(int(c.sum()) for c in cache.routed_counts().values())
     # fraction routed among the decoded tokens only (the prefill is not timed)

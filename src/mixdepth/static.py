@@ -254,9 +254,8 @@ class StaticDecoder:
             logits, chosen = g.run(tokens, active, n)
         else:
             tok = tokens.new_zeros(B)
-            tok[:n] = tokens.reshape(-1)
             act = torch.zeros(B, dtype=torch.bool, device=self.device)
-            act[:n] = True if active is None else active.to(self.device)
+            _pad_into(tok, act, tokens, active, n)
             logits, chosen = self._fn(self.model, static, tok, act, self.thresholds, self._when(False))
         static.step_taken()
         if first:
@@ -264,6 +263,18 @@ class StaticDecoder:
                 torch.cuda.synchronize(self.device)
             self.compile_s += time.perf_counter() - t0
         return logits[:n], chosen[:, :n]
+
+
+def _pad_into(tok: torch.Tensor, act: torch.Tensor, tokens: torch.Tensor, active: torch.Tensor | None, n: int) -> None:
+    """Write n rows' tokens and active flags (default all) into the bucket's (B,) buffers, in place;
+    the padding rows get token 0 and are never active."""
+    tok[:n].copy_(tokens.reshape(-1))
+    tok[n:].zero_()
+    if active is None:
+        act[:n].fill_(True)
+    else:
+        act[:n].copy_(active)
+    act[n:].fill_(False)
 
 
 class _Captured:
@@ -302,12 +313,6 @@ class _Captured:
             self.logits, self.chosen = run(decoder._when(True))
 
     def run(self, tokens, active, n):
-        self.tokens[:n].copy_(tokens.reshape(-1))
-        self.tokens[n:].zero_()
-        if active is None:
-            self.active[:n].fill_(True)
-        else:
-            self.active[:n].copy_(active)
-        self.active[n:].fill_(False)
+        _pad_into(self.tokens, self.active, tokens, active, n)
         self.graph.replay()
         return self.logits, self.chosen
