@@ -43,10 +43,10 @@ CASES = {
 }
 
 
-def hf_model(case: str, seed: int = 0):
+def hf_model(case: str, seed: int = 0, **overrides):
     """A tiny random transformers model; weights scaled up so attention and logits are far from uniform."""
     torch.manual_seed(seed)
-    cfg = transformers.AutoConfig.for_model(**{**BASE, **CASES[case]})
+    cfg = transformers.AutoConfig.for_model(**{**BASE, **CASES[case], **overrides})
     model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -114,6 +114,36 @@ def test_hf_export_loads_in_transformers_and_round_trips(pair, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]) or torch.allclose(a[k], b[k], equal_nan=True), k
+
+
+def test_hf_mistral_sliding_window_over_a_longer_sequence():
+    """Window 16, 40 tokens: from position 16 on transformers attends to the last 16 keys only. The
+    converted model's context is the window: within it the logits are transformers', a longer sequence
+    is refused (attention here spans the whole prefix), and generation stops when the window is full."""
+    hf = hf_model("mistral-gqa-window", sliding_window=16)
+    wide = hf_model("mistral-gqa-window", sliding_window=None)  # the same weights, attention over everything
+    model = from_hf(hf)
+    assert model.cfg.sliding_window == 16 and model.cfg.max_seq_len == 16
+    ids = torch.randint(0, V, (2, 40), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        ref, ref_wide = hf(ids).logits, wide(ids).logits
+        # the window really cuts: equal to full attention inside it, different past it
+        torch.testing.assert_close(ref[:, :16], ref_wide[:, :16])
+        assert (ref[:, 16:] - ref_wide[:, 16:]).abs().amax(-1).min() > 1e-3
+        torch.testing.assert_close(model(ids[:, :16], mode="dense").logits, ref[:, :16])
+        out = model(ids[:, :16], mode="causal", thresholds=model.causal_thresholds(1.0)).logits
+        torch.testing.assert_close(out, ref[:, :16])
+        with pytest.raises(ValueError, match="exceeds model.max_seq_len \\(16, the source model's sliding window"):
+            model(ids, mode="dense")
+        # without the window the same weights give transformers' full-attention logits on all 40 tokens
+        torch.testing.assert_close(from_hf(wide)(ids, mode="dense").logits, ref_wide)
+    prompt = ids[0, :10].tolist()
+    res = generate(model, [prompt], max_new_tokens=30, fraction=1.0).run()
+    assert res.finish_reasons == ["context"] and len(prompt) + len(res.tokens[0]) == 16
+    x = torch.tensor([prompt])
+    want = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                       eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+    assert res.tokens[0] == want
 
 
 def test_hf_export_keeps_trained_routing(tmp_path):

@@ -164,6 +164,31 @@ def test_compiled_decoder_generates_the_eager_tokens():
     assert again.tokens == want.tokens and again.compile_s == 0 and again.compile_tokens == 0
 
 
+@torch.no_grad()
+def test_a_kept_decoder_decodes_each_generation_at_its_own_fraction():
+    """One decoder, generations at two fractions and then at the calibrated one: each equals the eager
+    generation at that fraction (tokens, routing, KV bytes), so `start` takes the generation's
+    thresholds instead of the calibrated ones."""
+    model = _model(fraction=0.5)
+    prompts = [[10, 20, 30, 40, 50, 60, 70], [5, 6, 7], [200, 100, 50, 25, 12]]
+    dec = StaticDecoder(model)
+    eager = {}
+    for fraction in (0.2, 0.8, None):
+        want = eager[fraction] = generate(model, prompts, max_new_tokens=12, fraction=fraction).run()
+        got = generate(model, prompts, max_new_tokens=12, fraction=fraction, decoder=dec).run()
+        assert got.tokens == want.tokens, fraction
+        assert all(torch.equal(a, b) for a, b in zip(got.routing, want.routing)), fraction
+        assert got.routed_fraction == want.routed_fraction, fraction
+        assert got.decode_routed_fraction == want.decode_routed_fraction, fraction
+        assert got.kv_bytes_in_use == want.kv_bytes_in_use, fraction
+    # the fractions really decode differently, or this proves nothing about the thresholds
+    low, high = eager[0.2].decode_routed_fraction, eager[0.8].decode_routed_fraction
+    assert all(low[i] < high[i] for i in low), (low, high)
+    assert eager[0.2].kv_bytes_in_use < eager[0.8].kv_bytes_in_use
+    for f in (0.2, 0.8):
+        assert any(not torch.equal(a, b) for a, b in zip(eager[f].routing, eager[None].routing)), f
+
+
 @pytest.mark.parametrize("backend", [None, "eager"])
 @torch.no_grad()
 def test_routed_buffers_grow_between_steps_when_rows_route_more(backend):

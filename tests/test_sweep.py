@@ -17,6 +17,7 @@ pytest.importorskip("matplotlib")
 
 from mixdepth import flops  # noqa: E402
 from mixdepth.cli import main  # noqa: E402
+from mixdepth.runs import latest_checkpoint  # noqa: E402
 from mixdepth.sweep import (  # noqa: E402
     MAIN_MOD,
     RunSpec,
@@ -29,6 +30,7 @@ from mixdepth.sweep import (  # noqa: E402
     train_config,
     variant_config,
 )
+from mixdepth.train import Trainer  # noqa: E402
 
 PNG = b"\x89PNG\r\n\x1a\n"
 def tiny(tmp_path, corpus, name="sweep", **kw):
@@ -50,7 +52,8 @@ def test_variants_parse_and_build(debug_cfg):
     assert parse_variant("mod-12.5-e2") == ("mod", 0.125, 2)
     assert parse_variant("random-50-e1") == ("random", 0.5, 1)
     assert parse_variant("dense") == ("dense", None, None)
-    for bad in ("mod", "mod-0-e2", "mod-150-e2", "mod-12.5-e0", "moee", "dense-12.5-e2"):
+    assert parse_variant("mod-0-e2") == ("mod", 0.0, 2)  # those blocks dropped: the layer-drop baseline
+    for bad in ("mod", "random-0-e2", "mod-150-e2", "mod-12.5-e0", "moee", "dense-12.5-e2"):
         with pytest.raises(ValueError, match="unknown variant"):
             parse_variant(bad)
     base = debug_cfg(router="none")
@@ -96,17 +99,45 @@ def test_tiny_sweep_end_to_end(tmp_path, corpus):
                    sorted((r for r in res["results"] if r["variant"] == "dense"), key=lambda r: r["depth"])))
     # decode speed against the dense twin, measured for the routed variant (dense is its own twin)
     speed = json.loads((out / "speed.json").read_text())
-    assert speed[f"{MAIN_MOD}-d2"]["ratio"] > 0 and speed["dense-d2"]["ratio"] == 1.0
+    routed = speed[f"{MAIN_MOD}-d2"]
+    assert routed["ratio"] == pytest.approx(routed["tok_s"] / routed["dense_tok_s"], rel=1e-9)
+    assert routed["ideal"] > 1 and 0 <= routed["routed_frac_decode"] <= 1 and routed["rounds"] == 1
+    assert routed["checkpoint"] == next(r["checkpoint"] for r in mod if r["depth"] == 2)
+    assert speed["dense-d2"]["ratio"] == 1.0
+    assert res["speed"] == speed
     # outputs: CSV (one row per run), summary, table with a row per (variant, size), findings, 3 PNGs
     with open(out / "runs.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 4 and {r["variant"] for r in rows} == {"dense", MAIN_MOD}
+    assert [r["run"] for r in rows] == [r["run"] for r in res["results"]]
+    for row, r in zip(rows, res["results"]):
+        assert float(row["loss_topk"]) == r["loss_topk"] and int(row["steps"]) == r["steps"]
+        assert row["decode_ratio"] == str(speed[f"{r['variant']}-d{r['depth']}"]["ratio"])
     table = (out / "table.md").read_text()
-    assert table.count("| dense |") == 2 and table.count(f"| {MAIN_MOD} |") == 2
-    assert "1.5e+09" in (out / "findings.md").read_text()
+    assert table == res["table"] + "\n"
+    body = table.splitlines()[2:]
+    assert len(body) == 4
+    for r in res["results"]:  # one seed: each row holds its run's numbers
+        ratio = speed[f"{r['variant']}-d{r['depth']}"]["ratio"]
+        line = next(line for line in body if line.startswith(f"| 1.5e+09 | {r['variant']} | {r['depth']} |"))
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[4] == str(r["steps"]) and cells[6] == f"{r['loss_topk']:.4f}"
+        assert cells[7] == f"{r['loss_causal']:.4f}" and cells[9] == f"{ratio:.2f}x" and cells[10] == "1"
+    # the findings name the best of each variant, their losses and the verdict of a single seed
+    best = {v: min((r for r in res["results"] if r["variant"] == v), key=lambda r: r["loss_topk"])
+            for v in ("dense", MAIN_MOD)}
+    findings_md = (out / "findings.md").read_text()
+    assert findings_md == "".join(f"- {n}\n" for n in res["findings"])
+    first = res["findings"][0]
+    assert first.startswith(f"Budget 1.5e+09: the best {MAIN_MOD} (depth {best[MAIN_MOD]['depth']},")
+    assert f"reaches {best[MAIN_MOD]['loss_topk']:.4f}" in first
+    assert f"the best dense (depth {best['dense']['depth']}" in first and f"{best['dense']['loss_topk']:.4f}" in first
+    diff = best[MAIN_MOD]["loss_topk"] - best["dense"]["loss_topk"]
+    assert f"difference {diff:+.4f}; one seed: no spread to judge by." in first
     for name in ("isoflop", "loss_vs_forward_flops", "training_curves"):
         assert (out / f"{name}.png").read_bytes()[:8] == PNG
-    assert any(table.splitlines()[0] in line for line in lines)
+    # what the sweep printed: the table and the findings
+    printed = "\n".join(lines)
+    assert f"\n{res['table']}\n" in printed and all(f"\n- {n}\n" in printed for n in res["findings"])
 
 
 def test_findings_follow_the_numbers_and_the_spread():
@@ -134,13 +165,37 @@ def test_findings_follow_the_numbers_and_the_spread():
     assert s["loss_topk"] == 2.0 and s["loss_topk_std"] == 1.0 and s["seeds"] == 3
 
 
-def _table_without_speed(path: Path) -> list[str]:
-    return [line.rsplit("|", 3)[0] for line in path.read_text().splitlines()]
+def test_a_rerun_with_other_settings_is_refused_and_overwrite_retrains(tmp_path, corpus, capsys):
+    """A finished run is reused only with its own settings: another --lr into the same folder stops with
+    the one-line refusal (the old result is not handed back), and --overwrite trains the run again."""
+    out = tmp_path / "lr"
+    args = ["sweep", "--out", str(out), *ARGS, "--data", str(corpus), "--cache-dir", str(tmp_path / "cache"),
+            "--decode-tokens", "0"]
+    args[args.index("--variants") + 1], args[args.index("--depths") + 1] = "dense", "2"
+    run = "dense-d2-b1.5e9-s0"
+    assert main(args) == 0
+    first = json.loads((out / "results" / f"{run}.json").read_text())
+    assert first["settings"]["lr"] == 2e-3
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(args + ["--lr", "1e-3"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds a run with other settings; pass --overwrite" in err[0], err
+    assert json.loads((out / "results" / f"{run}.json").read_text()) == first  # nothing replaced
+    assert main(args + ["--lr", "1e-3", "--overwrite"]) == 0
+    again = json.loads((out / "results" / f"{run}.json").read_text())
+    assert again["settings"]["lr"] == 1e-3 and again["steps"] == first["steps"]
+    assert again["loss_topk"] != first["loss_topk"]  # trained again, at the new rate
+    assert json.loads((out / "runs" / run / "run.json").read_text())["lr"] == 1e-3
+    with open(out / "runs.csv") as f:
+        assert [float(r["loss_topk"]) for r in csv.DictReader(f)] == [again["loss_topk"]]
 
 
-def test_killed_sweep_resumes_without_retraining(tmp_path, corpus):
+def test_killed_sweep_resumes_without_retraining(tmp_path, corpus, monkeypatch):
     """Kill a sweep while its second run trains; the rerun reuses the first, resumes the second from its
-    checkpoint, and the table equals an uninterrupted sweep's."""
+    checkpoint (kept as it was, with the metrics logged up to it), and the table equals an uninterrupted
+    sweep's."""
     budget = "6e9"  # ~300 steps of the smallest model: a wide window to kill the second run in
     args = [a if a != "1.5e9" else budget for a in ARGS] + ["--data", str(corpus), "--decode-tokens", "0",
                                                             "--evals", "6"]
@@ -162,11 +217,36 @@ def test_killed_sweep_resumes_without_retraining(tmp_path, corpus):
     assert not (out / "results" / f"{second}.json").exists(), "the second run finished before the kill"
     kept = {p: p.stat().st_mtime_ns for p in (out / "runs" / first).rglob("*") if p.is_file()}
     kept[out / "results" / f"{first}.json"] = (out / "results" / f"{first}.json").stat().st_mtime_ns
+    # the cut-off run: its latest checkpoint and the metrics logged up to it (their step times differ
+    # from any other run's, so a run restarted from scratch cannot write these lines again)
+    cut = out / "runs" / second
+    ckpt = latest_checkpoint(cut)
+    at = json.loads((ckpt / "trainer.json").read_text())["step"]
+    files = {p.relative_to(ckpt): p.read_bytes() for p in ckpt.rglob("*") if p.is_file()}
+    logged = [line for line in (cut / "metrics.jsonl").read_text().splitlines()
+              if line.endswith("}") and json.loads(line)["step"] <= at]
+    assert at > 0 and logged and json.loads(logged[-1])["step"] == at
+    resumed = []
+    resume = Trainer._resume
 
+    def spy(self, state):  # what the rerun finds when it resumes the cut-off run
+        found = latest_checkpoint(self.out)
+        resumed.append((found, {p.relative_to(found): p.read_bytes() for p in found.rglob("*") if p.is_file()}))
+        resume(self, state)
+        resumed[-1] += (self.step,)
+
+    monkeypatch.setattr(Trainer, "_resume", spy)
     assert main(["sweep", "--out", str(out), *args]) == 0
     assert {p: p.stat().st_mtime_ns for p in kept} == kept  # the finished run was reused, not retrained
-    steps = [json.loads(line)["step"] for line in (out / "runs" / second / "metrics.jsonl").read_text().splitlines()]
+    lines = (cut / "metrics.jsonl").read_text().splitlines()
+    assert lines[: len(logged)] == logged, "the records logged before the kill were not kept"
+    steps = [json.loads(line)["step"] for line in lines]
     assert steps == sorted(set(steps)), "the resumed run repeated or lost steps"
+    total = json.loads((out / "results" / f"{second}.json").read_text())["steps"]
+    assert steps[len(logged)] > at and steps[-1] == total  # continued after the checkpoint, to the end
+    assert len(resumed) == 1, "the cut-off run was not resumed"
+    found, found_files, step = resumed[0]
+    assert found == ckpt and found_files == files and step == at  # from the checkpoint of the kill, unchanged
 
     ref = tmp_path / "whole"
     assert main(["sweep", "--out", str(ref), *args]) == 0

@@ -225,7 +225,10 @@ def test_eval_fraction_flag_moves_the_routed_fraction(tmp_path, capsys):
 
 
 # ---- the command, end to end ---------------------------------------------------------------------
-def test_tune_command_end_to_end_and_resume(tmp_path, capsys):
+def test_tune_command_end_to_end_and_resume(tmp_path, capsys, monkeypatch):
+    from safetensors.torch import load_file
+
+    import mixdepth.tune as tune_module
     from mixdepth.cli import main
 
     source = _source(n_layers=4)
@@ -257,10 +260,36 @@ def test_tune_command_end_to_end_and_resume(tmp_path, capsys):
     assert state["sensitivity"]["block"]["kl"] == sens["block"]["kl"] and len(state["history"]) == 3
     for k, v in trunk_tensors(dense_source(tuned)).items():
         assert torch.equal(v, source.state_dict()[k]), k
-    # running again resumes: the tuned checkpoints are not redone, their routers are loaded
-    mtime = (out / "mod-block" / "model.safetensors").stat().st_mtime_ns
-    assert main(args + ["--no-curve"]) == 0
-    assert (out / "mod-block" / "model.safetensors").stat().st_mtime_ns == mtime
+    # running again resumes: the tuned checkpoints are not redone, their routers are loaded, and the
+    # curve measured again with the reloaded models is the first run's
+    mtimes = {u: (out / f"mod-{u}" / "model.safetensors").stat().st_mtime_ns for u in ("block", "attn")}
+    measured = {}
+    measure_curve = tune_module.measure_curve
+
+    def measure(points, *a, **kw):
+        measured.update((p.name, p.model) for p in points)
+        return measure_curve(points, *a, **kw)
+
+    monkeypatch.setattr(tune_module, "measure_curve", measure)
+    assert main(args) == 0
+    capsys.readouterr()
+    for unit, mtime in mtimes.items():
+        assert (out / f"mod-{unit}" / "model.safetensors").stat().st_mtime_ns == mtime
+        saved = load_file(out / f"mod-{unit}" / "model.safetensors")
+        routing = {k: v for k, v in measured[f"mod-{unit}@0.5"].state_dict().items()
+                   if is_routing_parameter(k) or k.endswith(("causal_threshold", "threshold_table"))}
+        assert any(".router." in k for k in routing) and any("threshold_table" in k for k in routing)
+        for k, v in routing.items():
+            assert torch.equal(v, saved[k]), k
+    again = {r["name"]: r for r in json.loads((out / "curve.json").read_text())["rows"]}
+    tuned_rows = [r for r in curve["rows"] if r["variant"] == "mod"]
+    assert len(tuned_rows) == 4  # two units at two fractions
+    for r in tuned_rows:
+        assert again[r["name"]]["ppl"] == pytest.approx(r["ppl"], rel=1e-6), r["name"]
+        assert again[r["name"]]["kl"] == pytest.approx(r["kl"], rel=1e-5, abs=1e-9), r["name"]
+        assert again[r["name"]]["routed_measured"] == r["routed_measured"], r["name"]
+    half = next(r for r in tuned_rows if r["name"] == "mod-block@0.5")
+    assert half["routed_measured"] < 1 and half["kl"] > mod1["kl"]  # fraction 0.5 really routes
     # another source into the same folder is refused, not mixed in
     save_checkpoint(tmp_path / "other", _source(n_layers=4, dim=32, n_heads=2, n_kv_heads=1))
     with pytest.raises(SystemExit) as e:
