@@ -83,7 +83,7 @@ def test_flops_flags_and_config_file_precedence(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, words", [
     (["flops", "--routing.capacity", "1.5"], ["routing.capacity", "1.5"]),
-    (["flops", "--routing.capacity", "0"], ["routing.capacity"]),
+    (["flops", "--routing.capacity", "-0.5"], ["routing.capacity"]),
     (["flops", "--routing.router", "moe"], ["routing.router", "moe"]),
     (["flops", "--routing.gate", "tanh"], ["routing.gate"]),
     (["flops", "--model.n_heads", "3", "--model.n_kv_heads", "1"], ["model.dim", "model.n_heads"]),
@@ -95,6 +95,8 @@ def test_flops_flags_and_config_file_precedence(tmp_path, capsys):
     (["flops", "--no-such-flag"], ["--no-such-flag"]),
     (["flops", "--seq-len", "-3"], ["--seq-len"]),
     (["flops", "--seq-len", "0"], ["--seq-len"]),
+    (["flops", "--preset", "debug", "--seq-len", "500"], ["--seq-len", "500", "max_seq_len 128"]),
+    (["flops", "--preset", "debug", "--context", "129"], ["--context", "129", "max_seq_len 128"]),
     (["flops", "--config", "/nonexistent/run.json"], ["/nonexistent/run.json"]),
     (["bench", "--device", "gpu"], ["device", "gpu"]),
     (["frobnicate"], ["frobnicate"]),
@@ -162,13 +164,13 @@ def test_config_file_train_section_is_read_by_train_and_ignored_elsewhere(tmp_pa
     assert cfg.lr == 5e-4 and cfg.model.routing.capacity == 0.25
 
 
-def test_flops_notes_a_length_beyond_max_seq_len(capsys):
+def test_flops_refuses_a_length_beyond_max_seq_len_and_takes_max_seq_len(capsys):
     max_len = ModelConfig.from_name("debug").max_seq_len
-    assert main(["flops", "--preset", "debug", "--seq-len", str(2 * max_len)]) == 0
-    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
-    assert notes == [f"note: --seq-len {2 * max_len} exceeds the model's max_seq_len {max_len} (analytic count only)"]
+    with pytest.raises(SystemExit) as e:
+        main(["flops", "--preset", "debug", "--seq-len", str(max_len + 1)])
+    assert e.value.code == 2
     assert main(["flops", "--preset", "debug", "--seq-len", str(max_len)]) == 0
-    assert "note:" not in capsys.readouterr().out
+    assert f"seq_len={max_len}" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("command", [["train"], ["eval", "--checkpoint", "x"], ["bench"],

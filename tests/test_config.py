@@ -20,7 +20,7 @@ def _one_line_error(excinfo) -> str:
 @pytest.mark.parametrize(
     "kwargs, field",
     [
-        (dict(capacity=0), "routing.capacity"),
+        (dict(capacity=1.0001), "routing.capacity"),
         (dict(capacity=1.5), "routing.capacity"),
         (dict(capacity=-0.1), "routing.capacity"),
         (dict(router="moe"), "routing.router"),

@@ -483,8 +483,13 @@ def test_calibration_with_every_block_routing_on_bytes(seed):
         model.calibrate_causal(x, 0.125)
         out = model(x, mode="causal", return_scores=True)
     for j, layer in enumerate(model.routed_layers):
-        assert abs(float(out.routed_frac[j]) - 0.125) < 0.05, out.routed_frac
         s = out.scores[layer.layer_id]
+        # as near the target as the clumps of equal scores allow (a threshold cannot split a clump)
+        flat = s.flatten().double()
+        achievable = torch.stack([(flat > v).double().mean() for v in flat.unique()] + [torch.tensor(1.0).double()])
+        best = float((achievable - 0.125).abs().min())
+        assert abs(float(out.routed_frac[j]) - 0.125) <= best + 0.01, (out.routed_frac, best)
+        assert abs(float(out.routed_frac[j]) - 0.125) < 0.1, out.routed_frac
         t = layer.causal_threshold
         # never on a calibration score: at least half the tie tolerance away from every one
         assert (s - t).abs().min() > 0.5 * TIE_TOLERANCE * s.abs().max()

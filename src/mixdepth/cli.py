@@ -32,6 +32,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("mixdepth.commands.demo", "train dense and MoD at equal FLOPs, evaluate, report"),
     "sweep": ("mixdepth.commands.sweep",
               "isoFLOP sweep: variants x sizes x budgets x seeds, resumable, -j N; table and the paper's plots"),
+    "study": ("mixdepth.commands.study",
+              "routing study: learned vs random, frozen and rule routing at equal FLOPs, paired seeds"),
 }
 
 

@@ -22,9 +22,14 @@ from .files import read_json_file
 
 log = logging.getLogger("mixdepth")
 
-ROUTERS = ["expert_choice", "token_choice", "random", "random_token", "none"]
+ROUTERS = ["expert_choice", "token_choice", "random", "random_token", "frozen", "rule", "none"]
 """Router names; `mixdepth.model.routers.register_router` adds new ones."""
-GATES = ("raw", "sigmoid", "straight_through")
+GATES = ("raw", "sigmoid", "straight_through", "sigmoid_st")
+"""Scales of a routed block's output (`RoutingConfig.gate`)."""
+VALUE_ONE_GATES = ("straight_through", "sigmoid_st")
+"""Gates whose forward value is 1: the router gets a surrogate gradient, not the forward's."""
+WHITESPACE_BYTES = [9, 10, 13, 32]
+"""Tab, newline, carriage return, space: the byte-level tokens the `rule` router reads."""
 UNITS = ("block", "attn", "mlp")
 """What a routed layer's router skips: the whole block (the paper), attention alone or the MLP alone."""
 MODES = ("topk", "causal", "dense")
@@ -87,20 +92,39 @@ class RoutingConfig(_Serializable):
     router: str = "expert_choice"
     """Router type: `expert_choice` (MoD top-k), `token_choice`, `random` (ablation: k random tokens,
     no causal rule), `random_token` (each token enters with the routed fraction's probability, a
-    causal rule: the random baseline of sampling) or `none` (dense)."""
+    causal rule: the random baseline of sampling), `frozen` (expert choice whose router keeps its
+    random initialisation: selects by content, learns nothing), `rule` (the tokens right after a
+    `rule_tokens` token, the first k in sequence order, filled up to k with the earliest others;
+    causal by construction) or `none` (dense)."""
     unit: str = "block"
     """What the router skips: `block` (attention + MLP, the paper), `attn` (attention alone; every
     token runs the MLP) or `mlp` (the MLP alone; every token runs attention and is cached)."""
     capacity: float = 0.125
-    """Fraction C of the sequence that enters a routed block; k = ceil(C*T), at least 1. Paper: 12.5%."""
+    """Fraction C of the sequence that enters a routed block; k = ceil(C*T), at least 1. Paper: 12.5%.
+    0 drops the routed blocks (k = 0: the floor of a routing study)."""
     route_every: int = 2
     """Route every n-th layer, starting with layer n-1 (2: layers 1, 3, 5, ...; 1: every layer)."""
     routed_layers: list[int] | None = None
     """Explicit list of routed layer indices; overrides `route_every` when given."""
     gate: str = "sigmoid"
-    """Scale of the block output: `raw` router logit (paper), `sigmoid` of it, or `straight_through`
-    (value 1, router gradient; keeps a converted model's function). Default `sigmoid`: with `raw`
-    a router initialised near 0 scales the routed blocks' gradients near 0 at the start."""
+    """Scale of the block output: `raw` router logit (paper), `sigmoid` of it, `straight_through`
+    (value 1, the raw logit's gradient; keeps a converted model's function) or `sigmoid_st` (value 1,
+    the sigmoid's gradient: 1 + s - stopgrad(s), s = sigmoid(r); learned routing that differs from
+    random routing only in which tokens it takes). Default `sigmoid`: with `raw` a router
+    initialised near 0 scales the routed blocks' gradients near 0 at the start."""
+    router_detach: bool | None = None
+    """The router reads a detached copy of the residual stream, so its gradient trains the router
+    alone, never the trunk. None: detached for the value-1 gates (`straight_through`, `sigmoid_st`),
+    whose surrogate gradient is not the forward's: flowing into the trunk it pushes the residual
+    stream along the router weight for no change of the loss, growing with the weight (from scratch,
+    `straight_through` diverged at step ~115 of 439 with it); attached for `raw` and `sigmoid`."""
+    router_norm: bool = False
+    """RMS-normalise the router's input (no weight): the score reads the direction of the residual
+    stream, not its scale, which grows with depth and training."""
+    router_lr_scale: float = 1.0
+    """Learning rate of the router weights relative to `train.lr` (the predictor's stays 1)."""
+    rule_tokens: list[int] = field(default_factory=lambda: list(WHITESPACE_BYTES))
+    """Token ids after which the `rule` router routes a token (default: whitespace bytes)."""
     mode: str = "topk"
     """Default forward mode: `topk` (training), `causal` (per-token decisions, sampling), `dense`."""
     causal_method: str = "predictor"
@@ -120,8 +144,8 @@ class RoutingConfig(_Serializable):
     def __post_init__(self) -> None:
         _check(self.router in ROUTERS, f"routing.router must be one of {ROUTERS}, got {self.router!r}")
         _check(
-            isinstance(self.capacity, (int, float)) and 0 < self.capacity <= 1,
-            f"routing.capacity must be in (0, 1], got {self.capacity}",
+            isinstance(self.capacity, (int, float)) and 0 <= self.capacity <= 1,
+            f"routing.capacity must be in [0, 1], got {self.capacity}",
         )
         _check(
             isinstance(self.route_every, int) and self.route_every >= 1,
@@ -136,6 +160,14 @@ class RoutingConfig(_Serializable):
             self.routed_layers = sorted(set(self.routed_layers))
         _check(self.unit in UNITS, f"routing.unit must be one of {UNITS}, got {self.unit!r}")
         _check(self.gate in GATES, f"routing.gate must be one of {GATES}, got {self.gate!r}")
+        _check(self.router_detach in (None, True, False),
+               f"routing.router_detach must be true, false or null, got {self.router_detach!r}")
+        _check(isinstance(self.router_norm, bool), f"routing.router_norm must be true or false, got {self.router_norm!r}")
+        _check(isinstance(self.router_lr_scale, (int, float)) and self.router_lr_scale > 0,
+               f"routing.router_lr_scale must be > 0, got {self.router_lr_scale}")
+        _check(isinstance(self.rule_tokens, (list, tuple)) and all(isinstance(t, int) and t >= 0 for t in self.rule_tokens),
+               f"routing.rule_tokens must be a list of token ids >= 0, got {self.rule_tokens}")
+        self.rule_tokens = list(self.rule_tokens)
         _check(self.mode in MODES, f"routing.mode must be one of {MODES}, got {self.mode!r}")
         _check(
             self.causal_method in CAUSAL_METHODS,
@@ -156,8 +188,16 @@ class RoutingConfig(_Serializable):
             return layer in self.routed_layers
         return layer % self.route_every == self.route_every - 1
 
+    @property
+    def detach_router_input(self) -> bool:
+        """Whether the router reads a detached residual stream (`router_detach`, resolved)."""
+        return self.gate in VALUE_ONE_GATES if self.router_detach is None else self.router_detach
+
     def k(self, seq_len: int) -> int:
-        """Tokens per sequence that enter a routed block in `topk` mode: ceil(C*T), at least 1."""
+        """Tokens per sequence that enter a routed block in `topk` mode: ceil(C*T), at least 1
+        (0 at capacity 0: the routed blocks are dropped)."""
+        if self.capacity == 0:
+            return 0
         # round() first so that 0.125 * 1024 does not become 129 through float noise
         return max(1, min(seq_len, math.ceil(round(self.capacity * seq_len, 6))))
 
@@ -264,6 +304,10 @@ class ModelConfig(_Serializable):
     sliding_window: int = 0
     """Attention window of the source model (Mistral); 0 for none. Attention here always spans the
     whole prefix, so max_seq_len may not exceed the window: the model then computes what the source does."""
+    local_window: int = 0
+    """Attention window of the non-routed layers: a token attends to itself and the `local_window - 1`
+    tokens before it (0: the whole prefix). The routed layers keep full attention, so they carry the
+    long-range information (as SpaceByte's global blocks). FLOP counts still charge full attention."""
     family: str = "llama"
     """Hugging Face model family this architecture follows (llama, mistral, qwen2, qwen3): the
     `model_type` that `mixdepth export` writes."""
@@ -320,6 +364,8 @@ class ModelConfig(_Serializable):
         _check(not self.sliding_window or self.max_seq_len <= self.sliding_window,
                f"model.max_seq_len ({self.max_seq_len}) exceeds model.sliding_window ({self.sliding_window}): "
                "attention spans the whole prefix here, so longer sequences would not match the source model")
+        _check(isinstance(self.local_window, int) and self.local_window >= 0,
+               f"model.local_window must be an integer >= 0, got {self.local_window}")
         _check(not self.moe.noop or self.routing.router == "none",
                "moe.noop (integrated MoDE) replaces the MoD router around the block: set routing.router none")
         if self.routing.routed_layers is not None:

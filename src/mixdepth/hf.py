@@ -144,6 +144,8 @@ def _check_family(cfg: ModelConfig) -> None:
     """Refuse an export whose architecture the family's HF class cannot hold."""
     fam = cfg.family
     problems = []
+    if cfg.local_window:
+        problems.append(f"a local attention window on the non-routed layers (model.local_window {cfg.local_window})")
     if cfg.qk_norm != (fam == "qwen3"):
         problems.append("q/k norm" if cfg.qk_norm else "no q/k norm")
     if fam == "qwen2" and not (cfg.qkv_bias and not cfg.o_bias):

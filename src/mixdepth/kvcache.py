@@ -209,16 +209,19 @@ class KVCache(_Accounting):
             for i in range(cfg.n_layers)
         ]
         self.seq_lengths = torch.zeros(batch_size, dtype=torch.long)  # host: tokens seen per row
+        # each row's last token, for routers that read the token before a token (-1: none yet)
+        self.last_ids = torch.full((batch_size,), -1, dtype=torch.long, device=device)
         self._valid: torch.Tensor | None = None
 
     def reset(self) -> None:
         for layer in self.layers:
             layer.reset()
         self.seq_lengths.zero_()
+        self.last_ids.fill_(-1)
 
     def fill_state(self) -> list[torch.Tensor]:
         """The fill lengths of every layer and row (host tensors), for `restore_fill`."""
-        return [layer.lengths.clone() for layer in self.layers] + [self.seq_lengths.clone()]
+        return [layer.lengths.clone() for layer in self.layers] + [self.last_ids.clone(), self.seq_lengths.clone()]
 
     def restore_fill(self, state: list[torch.Tensor]) -> None:
         """Roll the cache back to an earlier `fill_state()`, e.g. to decode again from the same prompt.
@@ -228,6 +231,7 @@ class KVCache(_Accounting):
         """
         for layer, lengths in zip(self.layers, state):
             layer.lengths.copy_(lengths)
+        self.last_ids = state[-2].clone()
         self.seq_lengths.copy_(state[-1])
 
     # ---- used by the model's forward ----------------------------------------------------------

@@ -152,6 +152,12 @@ class StaticDecoder:
                              "host-side shapes (decode without --compile)")
         if not model.can_decode_causally:
             raise ValueError(f"a model with {model.cfg.routing.router} routing cannot decode causally")
+        if model.cfg.local_window:
+            raise ValueError("static decoding does not window the non-routed layers' attention "
+                             "(model.local_window): decode without --compile")
+        if any(layer.router.needs_ids for layer in model.routed_layers):
+            raise ValueError(f"static decoding does not pass token ids to the {model.cfg.routing.router} router "
+                             "(decode without --compile)")
         self.model = model
         self.device = model.embed_tokens.weight.device
         self.compile = compile

@@ -51,11 +51,15 @@ from .files import read_json_file, write_json_atomic, write_text_atomic
 log = logging.getLogger("mixdepth")
 
 FIXED_VARIANTS = ("dense", "moe", "staged-mode", "integrated-mode")
-ROUTED_KINDS = {"mod": "expert_choice", "mod-aux": "expert_choice", "random": "random", "token-choice": "token_choice"}
-VARIANT_RE = re.compile(r"^(mod-aux|mod|random|token-choice)-(\d+(?:\.\d+)?)-e(\d+)$")
+ROUTED_KINDS = {"mod": "expert_choice", "mod-aux": "expert_choice", "random": "random", "token-choice": "token_choice",
+                "frozen": "frozen", "rule": "rule"}
+VARIANT_RE = re.compile(r"^(mod-aux|mod|random|token-choice|frozen|rule)-(\d+(?:\.\d+)?)-e(\d+)$")
 VARIANT_HELP = ("dense; mod-<C%>-e<n> (MoD, expert choice at C percent capacity on every n-th block, causal "
-                "decision by predictor), mod-aux-<C%>-e<n> (causal decision by the aux BCE loss), random-<C%>-e<n>, "
-                "token-choice-<C%>-e<n>; moe, staged-mode (MoE + mod-12.5-e2), integrated-mode (MoE + a no-op expert)")
+                "decision by predictor; mod-0-e<n> drops those blocks), mod-aux-<C%>-e<n> (causal decision by the aux "
+                "BCE loss), random-<C%>-e<n>, token-choice-<C%>-e<n>, frozen-<C%>-e<n> (router never trained), "
+                "rule-<C%>-e<n> (the tokens after whitespace); moe, staged-mode (MoE + mod-12.5-e2), integrated-mode "
+                "(MoE + a no-op expert); any of them +field=value... to set routing or model fields "
+                "(e.g. mod-12.5-e2+gate=sigmoid_st+router_norm=true)")
 MAIN_MOD = "mod-12.5-e2"
 """The paper's best MoD: 12.5% capacity, every other block."""
 
@@ -186,15 +190,48 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def parse_variant(name: str) -> tuple[str, float | None, int | None]:
-    """`mod-12.5-e2` -> ("mod", 0.125, 2); `dense` -> ("dense", None, None); a one-line error otherwise."""
-    if name in FIXED_VARIANTS:
-        return name, None, None
-    m = VARIANT_RE.match(name)
+    """`mod-12.5-e2` -> ("mod", 0.125, 2); `dense` -> ("dense", None, None); a one-line error otherwise.
+
+    Options after the base name (`+gate=sigmoid_st`) are checked here and read by `variant_options`.
+    """
+    base = name.split("+")[0]
+    variant_options(name)
+    if base in FIXED_VARIANTS:
+        return base, None, None
+    m = VARIANT_RE.match(base)
     if m:
         kind, pct, every = m.group(1), float(m.group(2)), int(m.group(3))
-        if 0 < pct <= 100 and every >= 1:
+        if (0 < pct or kind == "mod") and pct <= 100 and every >= 1:
             return kind, pct / 100, every
     raise ValueError(f"unknown variant {name!r} (known: {VARIANT_HELP})")
+
+
+def variant_options(name: str) -> dict[str, dict[str, Any]]:
+    """The `+field=value` options of a variant name, by section: {"routing": {...}, "model": {...}}.
+
+    A field of `RoutingConfig` goes to routing, else one of `ModelConfig` to the model; values are
+    JSON (numbers, true/false) or plain words.
+    """
+    from .config import ModelConfig, RoutingConfig
+
+    out: dict[str, dict[str, Any]] = {"routing": {}, "model": {}}
+    routing_fields = {f.name for f in dataclasses.fields(RoutingConfig)}
+    model_fields = {f.name for f in dataclasses.fields(ModelConfig)} - {"routing", "moe"}
+    for opt in name.split("+")[1:]:
+        key, eq, text = opt.partition("=")
+        if not eq or not key or not text:
+            raise ValueError(f"variant {name!r}: option {opt!r} is not field=value")
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = text
+        if key in routing_fields:
+            out["routing"][key] = value
+        elif key in model_fields:
+            out["model"][key] = value
+        else:
+            raise ValueError(f"variant {name!r}: {key!r} is not a routing or model field")
+    return out
 
 
 def size_config(cfg: SweepConfig, depth: int):
@@ -214,15 +251,18 @@ def variant_config(name: str, base, n_experts: int = 4):
     from .bench import moe_variants
 
     kind, capacity, every = parse_variant(name)
+    opts = variant_options(name)
+    if opts["model"]:
+        base = dataclasses.replace(base, **opts["model"])
     if kind == "dense":
-        return base.with_routing(router="none")
+        return base.with_routing(router="none", **opts["routing"])
     if kind in ("moe", "staged-mode", "integrated-mode"):
-        mod = base.with_routing(router="expert_choice", capacity=0.125, route_every=2)
+        mod = base.with_routing(router="expert_choice", capacity=0.125, route_every=2, **opts["routing"])
         return moe_variants(mod, n_experts)[kind]
     routing = dict(router=ROUTED_KINDS[kind], capacity=capacity, route_every=every)
     if kind == "mod-aux":
         routing.update(causal_method="aux_loss")
-    return base.with_routing(**routing)
+    return base.with_routing(**{**routing, **opts["routing"]})
 
 
 @dataclass(frozen=True)

@@ -90,6 +90,10 @@ class TrainConfig(_Serializable):
     """AdamW beta2."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this; 0 disables clipping."""
+    diverge_nats: float = 2.0
+    """Stop with an error when a step's loss exceeds the lowest moving average of the loss so far by
+    this many nats (a diverging run; its last checkpoint is kept); 0 disables the check (a
+    non-finite loss always stops)."""
     max_steps: int | None = None
     """Budget in optimizer steps (give one of max_steps, max_tokens, max_flops; default 1000 steps)."""
     max_tokens: int | None = None
@@ -162,6 +166,7 @@ class TrainConfig(_Serializable):
             _check(0 <= v < 1, f"train.{name} must be in [0, 1), got {v}")
         _check(self.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.weight_decay}")
         _check(self.grad_clip >= 0, f"train.grad_clip must be >= 0, got {self.grad_clip}")
+        _check(self.diverge_nats >= 0, f"train.diverge_nats must be >= 0, got {self.diverge_nats}")
         budgets = [n for n in ("max_steps", "max_tokens", "max_flops") if getattr(self, n) is not None]
         _check(len(budgets) <= 1, f"give one budget, not {' and '.join('train.' + b for b in budgets)}")
         for name in budgets:
@@ -211,12 +216,22 @@ def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with decay on matrices only; fused on CUDA, foreach (torch's default) on CPU."""
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():  # named_parameters() yields a tied weight once
+    """AdamW with decay on matrices only; fused on CUDA, foreach (torch's default) on CPU.
+
+    With `routing.router_lr_scale` != 1 the router weights form a third group whose learning rate is
+    that multiple of the schedule's (`lr_scale`, applied by `Trainer.train_step`).
+    """
+    scale = cfg.model.routing.router_lr_scale
+    decay, no_decay, routers = [], [], []
+    for name, p in model.named_parameters():  # named_parameters() yields a tied weight once
         if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
+            if scale != 1 and name.endswith("router.weight"):
+                routers.append(p)
+            else:
+                (decay if p.dim() >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if routers:
+        groups.append({"params": routers, "weight_decay": cfg.weight_decay, "lr_scale": scale})
     kw = {"fused": True} if device.type == "cuda" else {}
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **kw)
 
@@ -398,6 +413,9 @@ class Trainer:
         self.last_ckpt = ckpt
         # the killed run may have logged past its last checkpoint: those steps are redone
         self.history = runs.read_metrics(out, up_to_step=self.step, required=False)
+        for rec in self.history:  # the divergence check's moving average, from the logged steps
+            if rec.get("loss") is not None:
+                self._check_divergence(float(rec["loss"]), 0.0)
         if self.is_main:
             runs.rewrite_metrics(out, self.history)
         log.info("resuming %s from %s (step %d of %d)", out, ckpt.name, self.step, self.total)
@@ -449,7 +467,7 @@ class Trainer:
         t0 = time.perf_counter()
         lr = self.lr()
         for g in self.optimizer.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_scale", 1.0)
         sums: dict[str, torch.Tensor] = {}
 
         def add(key: str, v: torch.Tensor | None) -> None:
@@ -472,10 +490,8 @@ class Trainer:
                 add(key, v)
         sums = {k: self._reduce(v) for k, v in sums.items()}
         loss = float(sums["loss"])
-        if not math.isfinite(loss):
-            prev = self.last_ckpt
-            kept = f"the last checkpoint {prev} is intact" if prev else "no checkpoint was written"
-            raise ValueError(f"training loss is {loss} at step {self.step + 1} (lr {lr:.3g}); stopped, {kept}")
+        self._check_divergence(loss, lr)
+        routers = self._router_grad_norms()
         clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP
@@ -489,8 +505,34 @@ class Trainer:
         figures: dict[str, Any] = {k: float(v) for k, v in sums.items() if v.dim() == 0}
         for key in ("routed_frac", "causal_acc"):
             figures[key] = [round(float(v), 6) for v in sums[key]] if key in sums else []
+        if routers is not None:
+            figures["router_grad_norm"] = routers
         figures.update(lr=lr, grad_norm=grad_norm, step_time=time.perf_counter() - t0)
         return figures
+
+    def _check_divergence(self, loss: float, lr: float) -> None:
+        """Stop a run whose loss is non-finite, or `diverge_nats` above the lowest moving average of
+        the loss so far (an exponential average over ~10 steps), before its optimizer step."""
+        prev = self.last_ckpt
+        kept = f"the last checkpoint {prev} is kept" if prev else "no checkpoint was written"
+        if not math.isfinite(loss):
+            raise ValueError(f"training loss is {loss} at step {self.step + 1} (lr {lr:.3g}); stopped, {kept}")
+        best = getattr(self, "_best_avg", None)
+        if self.cfg.diverge_nats and best is not None and loss > best + self.cfg.diverge_nats:
+            raise ValueError(f"training diverged at step {self.step + 1}: loss {loss:.4f}, more than "
+                             f"{self.cfg.diverge_nats:g} nats above its lowest moving average {best:.4f} (lr {lr:.3g}); "
+                             f"stopped, {kept}")
+        avg = getattr(self, "_avg", None)
+        self._avg = loss if avg is None else 0.9 * avg + 0.1 * loss
+        self._best_avg = self._avg if best is None else min(best, self._avg)
+
+    def _router_grad_norms(self) -> list[float] | None:
+        """Gradient norm of each routed layer's router weight before clipping (0 for routers that do
+        not learn); None without learned routers or under FSDP (sharded gradients)."""
+        weights = [getattr(layer.router, "weight", None) for layer in self.model.routed_layers]
+        if self.dist_mode == "fsdp" or not any(w is not None and w.requires_grad for w in weights):
+            return None
+        return [round(float(w.grad.norm()), 8) if w is not None and w.grad is not None else 0.0 for w in weights]
 
     @torch.no_grad()
     def evaluate(self, mode: str = "topk") -> float:

@@ -23,15 +23,16 @@ def run(args: argparse.Namespace) -> int:
     T = cfg.max_seq_len if args.seq_len is None else args.seq_len
     if T < 1 or args.batch_size < 1:
         raise CLIError("--seq-len and --batch-size must be >= 1")
+    for flag, n in (("--seq-len", T), ("--context", args.context)):
+        if n is not None and n > cfg.max_seq_len:
+            raise CLIError(f"{flag} {n} exceeds the model's max_seq_len {cfg.max_seq_len}: it cannot run that length "
+                           "(raise --model.max_seq_len)")
     rows = flops.flops_table(cfg, T, args.batch_size, args.context)
     r = cfg.routing
     print(f"config: dim={cfg.dim} layers={cfg.n_layers} heads={cfg.n_heads}/{cfg.n_kv_heads} ffn={cfg.ffn_dim} "
           f"vocab={cfg.vocab_size} | router={r.router} capacity={r.capacity} routed layers={cfg.routed_layer_ids}")
     print(f"seq_len={T} batch={args.batch_size} (k={r.k(T)} tokens per routed block); attention counted as "
           f"the full T x T matrix; train step = 3 x forward")
-    for flag, n in (("--seq-len", T), ("--context", args.context)):
-        if n is not None and n > cfg.max_seq_len:  # the formulas hold at any length; the model would refuse it
-            print(f"note: {flag} {n} exceeds the model's max_seq_len {cfg.max_seq_len} (analytic count only)")
     print(flops.format_table(rows))
     print(f"ideal speed-up vs dense: train {flops.ideal_speedup(cfg, T):.3f}x, "
           f"decode {flops.ideal_speedup(cfg, T, 'decode', args.context or T):.3f}x")

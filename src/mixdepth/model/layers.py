@@ -191,9 +191,11 @@ class Attention(nn.Module):
         self.gqa = cfg.n_kv_heads != cfg.n_heads
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None = None, window: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:
         """`mask` (B, 1, T, T) bool, without a cache: which keys each query reads instead of the causal
-        prefix (`MoDBlock._forward_relaxed`)."""
+        prefix (`MoDBlock._forward_relaxed`). `window` (W, query positions (B|1, T)): a query reads only
+        keys at positions p - W < j <= p (a dense layer's key j sits at position j, with or without
+        a cache)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, E)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, G, T, E)
@@ -205,6 +207,11 @@ class Attention(nn.Module):
             keys, values, causal, rows = k, v, T > 1 and mask is None, None
         else:  # the cache stores this call's keys and says what each query may read
             keys, values, mask, causal, rows = cache.update(k, v)
+        if window is not None:
+            w, qpos = window
+            j = torch.arange(keys.shape[-2], device=keys.device)
+            band = ((j <= qpos[..., None]) & (qpos[..., None] - j < w))[:, None]  # (B|1, 1, T, L)
+            mask, causal = (band if mask is None else mask & band), False
         if rows is not None:  # queries of some batch rows only: zero queries for the others
             q = q.new_zeros(keys.shape[0], *q.shape[1:]).index_copy_(0, rows, q)
         y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal, enable_gqa=self.gqa)
@@ -235,6 +242,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int) -> None:
         super().__init__()
         self.layer_id = layer_id
+        self.local_window = cfg.local_window  # used by non-routed blocks only (`forward`)
         self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
@@ -245,15 +253,16 @@ class Block(nn.Module):
         else:
             self.mlp = MLP(cfg)
 
-    def delta(self, x: torch.Tensor, cos, sin, cache=None, mask=None) -> torch.Tensor:
+    def delta(self, x: torch.Tensor, cos, sin, cache=None, mask=None, window=None) -> torch.Tensor:
         """f(x): what the block adds to the residual stream, (B, T, D) -> (B, T, D)."""
-        a = self.self_attn(self.input_layernorm(x), cos, sin, cache, mask)
+        a = self.self_attn(self.input_layernorm(x), cos, sin, cache, mask, window)
         return a + self.mlp(self.post_attention_layernorm(x + a))
 
     def forward(self, x: torch.Tensor, rope: RotaryEmbedding, position_ids, *, cache=None, **_) -> tuple:
         cos, sin = rope(position_ids)
         slot = cache.dense_slot(self.layer_id) if cache is not None else None
-        return x + self.delta(x, cos, sin, slot), None
+        window = (self.local_window, position_ids) if self.local_window else None
+        return x + self.delta(x, cos, sin, slot, window=window), None
 
     def decode_static(self, x: torch.Tensor, cos, sin, cache, active: torch.Tensor) -> torch.Tensor:
         """One static-shape decode step (`mixdepth.static`): every row runs the block, (B, 1, D) ->

@@ -137,13 +137,15 @@ class MoDBlock(Block):
 
     # ---- forward ------------------------------------------------------------------------------
     def forward(self, x, rope, position_ids, *, mode="topk", cache=None, valid=None, want_scores=False,
-                threshold=None, calibrate=None, relax=None):
+                threshold=None, calibrate=None, relax=None, prev_ids=None):
         """Returns (x', info). info holds `chosen` (B, T), `losses` (name -> tensor) and statistics.
 
         `threshold` overrides the calibrated causal threshold for this call (a per-call routed
         fraction); the module itself is never changed by a forward, except with `calibrate` (a
         fraction, causal mode): the layer then first calibrates itself on this call's scores.
         `relax` (a fraction, dense mode) trains routers of a frozen model: see `_forward_relaxed`.
+        `prev_ids` (B, T): the token before each token (-1 before the first), for routers that read
+        token ids (`Router.needs_ids`).
 
         With `routing.unit` `mlp`, every token runs attention (and is cached) first, and the router
         then decides who runs the MLP; with `attn`, the router decides who runs attention, and every
@@ -158,7 +160,7 @@ class MoDBlock(Block):
         if relax is not None:
             out, info = self._forward_relaxed(x, pos, rope, relax, valid)
         else:
-            out, info = self._route(x, pos, rope, mode, cache, valid, want_scores, threshold, calibrate)
+            out, info = self._route(x, pos, rope, mode, cache, valid, want_scores, threshold, calibrate, prev_ids)
         if self.rc.unit == "attn":
             out = out + self.mlp(self.post_attention_layernorm(out))
         return out, info
@@ -216,9 +218,9 @@ class MoDBlock(Block):
             frac = chosen.sum() / valid.sum().clamp(min=1)
         return out, {"losses": losses, "chosen": chosen, "frac": frac}
 
-    def _route(self, x, pos, rope, mode, cache, valid, want_scores, threshold, calibrate):
+    def _route(self, x, pos, rope, mode, cache, valid, want_scores, threshold, calibrate, prev_ids=None):
         B, T, D = x.shape
-        r = self.router(x)  # (B, T) fp32
+        r = self.router(x, prev_ids) if self.router.needs_ids else self.router(x)  # (B, T) fp32
         info: dict = {"losses": {}}
         if mode == "dense":
             chosen = torch.ones(B, T, dtype=torch.bool, device=x.device) if valid is None else valid
@@ -238,9 +240,13 @@ class MoDBlock(Block):
         return self._forward_causal(x, rope, pos, r, info, cache, valid, want_scores, t)
 
     def _forward_topk(self, x, rope, pos, r, info, want_scores):
-        idx, valid = self.router.select(r, self.rc.k(x.shape[1]))
-        out = self._run_block(x, rope, pos, idx, valid, r)
-        target = torch.zeros_like(r).scatter(1, idx, 1.0 if valid is None else valid.float())
+        k = self.rc.k(x.shape[1])
+        if k == 0:  # capacity 0: the block is dropped
+            out, target = x, torch.zeros_like(r)
+        else:
+            idx, valid = self.router.select(r, k)
+            out = self._run_block(x, rope, pos, idx, valid, r)
+            target = torch.zeros_like(r).scatter(1, idx, 1.0 if valid is None else valid.float())
         info["chosen"] = target.bool()
         info["frac"] = target.mean()
         info["losses"], score = self.router.topk_terms(x, r, target)
@@ -253,7 +259,10 @@ class MoDBlock(Block):
 
     def _topk_mask(self, r: torch.Tensor) -> torch.Tensor:
         """(B, T) bool: the tokens `topk` mode would choose from these router scores."""
-        idx, valid = self.router.select(r, self.rc.k(r.shape[1]))
+        k = self.rc.k(r.shape[1])
+        if k == 0:
+            return torch.zeros_like(r, dtype=torch.bool)
+        idx, valid = self.router.select(r, k)
         return torch.zeros_like(r, dtype=torch.bool).scatter(1, idx, True if valid is None else valid)
 
     def _forward_causal(self, x, rope, pos, r, info, cache, valid, want_scores, threshold):

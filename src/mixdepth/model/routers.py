@@ -17,6 +17,11 @@ The kinds:
   sigmoid(r) = softmax(l)[block]; a token asks for the block iff r > 0; at most k get it.
 - `RandomRouter`: no parameters; k uniformly random tokens (the paper's ablation, fig. 5).
 - `RandomTokenRouter`: the same with a causal rule (a uniform score per token against a threshold).
+- `FrozenRouter`: expert choice whose router weight keeps its random initialisation (a control:
+  selects by content, learns nothing); gate 1.
+- `RuleRouter`: no parameters; the tokens right after a `rule_tokens` token (whitespace), the first
+  k in sequence order, filled up to k with the earliest others; its causal rule is the same test
+  (a token enters iff the token before it is whitespace); gate 1. Reads the token ids (`needs_ids`).
 
 A new router is one new class, decorated with `@register_router("name")`; `make_router` is the
 only place that reads the router's name.
@@ -104,6 +109,8 @@ class Router(nn.Module):
 
     can_decode_causally: ClassVar[bool] = True
     """False for routers with no per-token causal rule (random): they cannot sample."""
+    needs_ids: ClassVar[bool] = False
+    """True for routers that read the token before each token (`prev_ids`) besides the residual stream."""
     loss_weights: dict[str, float]
     """Weight of each named auxiliary loss in the training objective."""
 
@@ -120,6 +127,9 @@ class Router(nn.Module):
             return torch.sigmoid(r)
         if self.rc.gate == "straight_through":
             return 1.0 + (r - r.detach())  # value 1, gradient of r
+        if self.rc.gate == "sigmoid_st":
+            s = torch.sigmoid(r)
+            return 1.0 + (s - s.detach())  # value 1, gradient of sigmoid(r)
         return r
 
     def select(self, r: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -156,7 +166,11 @@ class Router(nn.Module):
 
 
 class LinearRouter(Router):
-    """Logits `w.x` per token from one linear map, weight (n_logits, D) at `layers.{i}.router.weight`."""
+    """Logits `w.x` per token from one linear map, weight (n_logits, D) at `layers.{i}.router.weight`.
+
+    Its input is the residual stream entering the block, detached when `routing.router_detach` says
+    so (the value-1 gates) and RMS-normalised with `routing.router_norm`.
+    """
 
     n_logits: ClassVar[int] = 1
 
@@ -164,10 +178,20 @@ class LinearRouter(Router):
         super().__init__(cfg)
         self.weight = nn.Parameter(torch.empty(self.n_logits, cfg.dim))
         self.init_std = self.rc.router_init_std
+        self.eps = cfg.norm_eps
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.weight, std=self.init_std)
+
+    def router_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What the router weight reads: x, detached and/or RMS-normalised as configured. (B, T, D)"""
+        if self.rc.detach_router_input:
+            x = x.detach()
+        if self.rc.router_norm:
+            xf = x.float()
+            x = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        return x
 
     @classmethod
     def param_counts(cls, cfg):
@@ -195,8 +219,8 @@ class ExpertChoiceRouter(LinearRouter):
         if self.rc.aux_loss_weight > 0:
             self.loss_weights["aux_loss"] = self.rc.aux_loss_weight
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight).squeeze(-1).float()  # (B, T)
+    def forward(self, x: torch.Tensor, prev_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return F.linear(self.router_input(x), self.weight).squeeze(-1).float()  # (B, T)
 
     def causal_score(self, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         return self.predictor(x) if self.rc.causal_method == "predictor" else r
@@ -240,8 +264,8 @@ class TokenChoiceRouter(LinearRouter):
         super().__init__(cfg)
         self.loss_weights = {"balance_loss": self.rc.balance_loss_weight}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(x, self.weight).float()  # (B, T, 2)
+    def forward(self, x: torch.Tensor, prev_ids: torch.Tensor | None = None) -> torch.Tensor:
+        logits = F.linear(self.router_input(x), self.weight).float()  # (B, T, 2)
         return logits[..., 1] - logits[..., 0]  # (B, T)
 
     def select(self, r, k):
@@ -265,7 +289,7 @@ class RandomRouter(Router):
 
     can_decode_causally = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, prev_ids: torch.Tensor | None = None) -> torch.Tensor:
         return torch.rand(x.shape[:2], device=x.device)  # (B, T)
 
     def gate(self, r: torch.Tensor) -> torch.Tensor:
@@ -288,6 +312,64 @@ class RandomTokenRouter(RandomRouter):
         return r
 
 
+class FrozenRouter(ExpertChoiceRouter):
+    """Expert choice with the router weight frozen at its random initialisation: it selects by
+    content (a fixed random direction of the residual stream) and learns nothing, a control between
+    random and learned routing. Gate 1 (a frozen score says nothing about how much to add); the
+    predictor still learns its top-k choice, so it samples like the learned router.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__(cfg)
+        self.weight.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor, prev_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return F.linear(self.router_input(x).detach(), self.weight.detach()).squeeze(-1).float()  # (B, T)
+
+    def gate(self, r: torch.Tensor) -> torch.Tensor:
+        return torch.ones_like(r)
+
+    def topk_terms(self, x, r, chosen):
+        p = self.predictor(x)  # no aux loss: the router never trains
+        return {"predictor_loss": F.binary_cross_entropy_with_logits(p, chosen)}, (
+            p if self.rc.causal_method == "predictor" else r).detach()
+
+
+class RuleRouter(Router):
+    """A fixed rule, causal by construction: a token enters iff the token before it is one of
+    `routing.rule_tokens` (whitespace bytes: the token starts a word), the first token of a sequence
+    counting as after whitespace. In `topk` mode the first k such tokens in sequence order enter,
+    filled up to k with the earliest others (static k, like every router). No parameters; gate 1.
+
+    Scores: 1 for a token after whitespace, else 0, minus a tiny position term that makes top-k
+    take the earliest first; the causal rule thresholds them at the calibrated threshold (between
+    0 and 1 at any fraction the rule can route).
+    """
+
+    needs_ids = True
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__(cfg)
+        self.register_buffer("rule_tokens", torch.tensor(self.rc.rule_tokens, dtype=torch.long), persistent=False)
+
+    def forward(self, x: torch.Tensor, prev_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if prev_ids is None:
+            raise ValueError("the rule router reads the token ids: call the model with input_ids")
+        after = torch.isin(prev_ids, self.rule_tokens.to(prev_ids.device)) | (prev_ids < 0)  # (B, T)
+        return after.float()
+
+    def select(self, r, k):
+        T = r.shape[1]
+        order = r - torch.arange(T, device=r.device, dtype=r.dtype) / (2 * T)  # earliest first among equals
+        return topk_indices(order, k), None
+
+    def gate(self, r: torch.Tensor) -> torch.Tensor:
+        return torch.ones_like(r)
+
+    def topk_terms(self, x, r, chosen):
+        return {}, r.detach()
+
+
 def _predictor_hidden(cfg: ModelConfig) -> int:
     return cfg.routing.predictor_hidden or max(1, cfg.dim // 8)
 
@@ -297,6 +379,8 @@ ROUTER_CLASSES: dict[str, type[Router]] = {
     "token_choice": TokenChoiceRouter,
     "random": RandomRouter,
     "random_token": RandomTokenRouter,
+    "frozen": FrozenRouter,
+    "rule": RuleRouter,
     "none": Router,  # a dense model: no routed layer, so no router cost
 }
 

@@ -51,6 +51,9 @@ class MoDTransformer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
+        # building draws from the RNG (default inits, overwritten below) as much as the routing asks;
+        # initialise from the RNG as it was before, so routing variants share their trunk's init
+        rng = torch.random.get_rng_state()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(
             MoDBlock(cfg, i) if cfg.routing.is_routed(i, cfg.n_layers) else Block(cfg, i)
@@ -66,10 +69,19 @@ class MoDTransformer(nn.Module):
         self.moe_layers = [layer.mlp for layer in self.layers if isinstance(layer.mlp, MoE)]
         if self.moe_layers:
             self.loss_weights["expert_balance_loss"] = cfg.moe.balance_loss_weight
+        torch.random.set_rng_state(rng)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        for name, m in self.named_modules():
+        """Initialise every weight: the trunk first, then the routers and predictors, so that models
+        that differ only in routing draw the same trunk from the same seed (paired comparisons)."""
+        modules = list(self.named_modules())
+        routing = [(n, m) for n, m in modules if ".router" in n or ".predictor" in n]
+        taken = {id(m) for _, m in routing}
+        for name, m in modules:
+            if id(m) not in taken:
+                self._init_module(name, m)
+        for name, m in routing:
             self._init_module(name, m)
 
     def _init_module(self, name: str, m: nn.Module) -> None:
@@ -225,6 +237,7 @@ class MoDTransformer(nn.Module):
                 raise ValueError(f"sequence of {T} tokens exceeds model.max_seq_len ({cfg.max_seq_len}{window})")
             position_ids = torch.arange(T, device=dev)[None]  # (1, T)
 
+        prev_ids = self._prev_ids(input_ids, cache) if self._needs_ids else None
         x = self.embed_tokens(input_ids)  # (B, T, D)
         for moe in self.moe_layers:  # a staged-MoDE block that no token entered leaves none
             moe.losses = {}
@@ -232,12 +245,16 @@ class MoDTransformer(nn.Module):
         for layer in self.layers:
             if layer.routed:
                 x, info = layer(x, self.rope, position_ids, mode=mode, cache=cache, valid=valid,
-                                want_scores=return_scores, calibrate=calibrate, relax=relax,
+                                want_scores=return_scores, calibrate=calibrate, relax=relax, prev_ids=prev_ids,
                                 threshold=thresholds.get(layer.layer_id) if thresholds else None)
                 infos.append((layer.layer_id, info))
             else:
                 x, _ = layer(x, self.rope, position_ids, cache=cache)
         if cache is not None:
+            if self._needs_ids:  # the token before the next call's first token, per row
+                ends = (valid_lengths if valid_lengths is not None else torch.full((B,), T)).to(dev)
+                last = input_ids.gather(1, (ends - 1).clamp(min=0)[:, None])[:, 0]
+                cache.last_ids = torch.where(ends > 0, last, cache.last_ids.to(dev))
             cache.end()
         x = self.norm(x)
         if last_only:
@@ -254,6 +271,19 @@ class MoDTransformer(nn.Module):
                 loss = loss + out.loss_weights[name] * value
             out.loss = loss
         return out
+
+    @property
+    def _needs_ids(self) -> bool:
+        return any(layer.router.needs_ids for layer in self.routed_layers)
+
+    @staticmethod
+    def _prev_ids(input_ids: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+        """(B, T): the token before each token; -1 before a sequence's first (or the cache's last)."""
+        B = input_ids.shape[0]
+        first = torch.full((B, 1), -1, dtype=input_ids.dtype, device=input_ids.device)
+        if cache is not None and cache.last_ids is not None:
+            first = cache.last_ids.to(input_ids.device, input_ids.dtype)[:, None]
+        return torch.cat([first, input_ids[:, :-1]], dim=1)
 
     def _collect(self, out: ModelOutput, infos, return_routing: bool, return_scores: bool) -> None:
         def gather(key):
