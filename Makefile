@@ -4,7 +4,7 @@ PY ?= python3
 VENV := .venv
 TORCH ?= torch==2.13.0
 
-.PHONY: venv test test-slow test-smollm test-compile demo lint bench clean smollm-curve sweep
+.PHONY: venv test test-slow test-smollm test-compile demo lint bench clean smollm-curve sweep study
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -42,6 +42,11 @@ smollm-curve: venv
 # issue 18's isoFLOP sweep, the README's Results (about 70 minutes on 2 CPU cores; rerunning resumes)
 sweep: venv
 	$(VENV)/bin/mixdepth sweep --preset cpu
+
+# issue 27's routing study: learned vs random, frozen and rule routing at equal FLOPs, paired seeds
+# (about 25 minutes on 2 CPU cores; rerunning resumes)
+study: venv
+	$(VENV)/bin/mixdepth study
 
 lint: venv
 	$(VENV)/bin/ruff check src tests

@@ -11,12 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import greedy_by_full_forward
 from mixdepth.config import GATES, WHITESPACE_BYTES, ModelConfig
 from mixdepth.model import MoDTransformer
 from mixdepth.runtime import seed_everything
 from mixdepth.train import TrainConfig, make_optimizer, run_train
-
-from conftest import greedy_by_full_forward
 
 SONNETS = Path(__file__).parent / "data" / "sonnets.txt"
 TEXT = list(SONNETS.read_bytes()[:4000])
@@ -256,7 +255,7 @@ def test_rule_router_is_causal_and_samples(debug_cfg):
             part = m(y, mode="causal", return_routing=True)
             for i in full.routing:
                 assert torch.equal(part.routing[i][0, :t + 1], full.routing[i][0, :t + 1])
-        for i, r in full.routing.items():  # causal rule: exactly the tokens after whitespace
+        for r in full.routing.values():  # causal rule: exactly the tokens after whitespace
             prev = torch.cat([torch.tensor([-1]), x[0, :-1]])
             assert torch.equal(r[0], torch.isin(prev, torch.tensor(WHITESPACE_BYTES)) | (prev < 0))
         cache = m.make_cache(1, 128)
@@ -417,3 +416,38 @@ def test_local_window_is_refused_where_it_is_not_built(debug_cfg):
         hf_config_dict(cfg)
     with pytest.raises(ValueError, match="model.local_window"):
         debug_cfg(local_window=-1)
+
+
+def test_local_window_keeps_the_routed_pattern_full_in_every_arm(debug_cfg):
+    """The window falls on the layers outside the routed pattern, in MoD and in its dense twin alike."""
+    from mixdepth.study import StudyConfig
+
+    for router in ("none", "expert_choice", "random"):
+        m = MoDTransformer(debug_cfg(router=router, local_window=8))
+        assert [layer.local_window for layer in m.layers if not layer.routed] == (
+            [8, 0, 8, 0] if router == "none" else [8, 8]), router
+    cfg = StudyConfig(arms=["learned", "dense"], window=16)
+    assert cfg.variant("dense") == "dense+local_window=16"
+    assert cfg.variant("learned") == "mod-12.5-e2+local_window=16"
+    assert cfg.sweep().variants == ["mod-12.5-e2+local_window=16", "dense+local_window=16"]
+    with pytest.raises(ValueError, match="--window"):
+        StudyConfig(window=-2)
+
+
+def test_study_reuses_runs_saved_before_a_setting_existed(tmp_path, debug_cfg):
+    """A finished run whose run.json lacks a setting added since (its default computes what the run
+    computed) is reused, not retrained; one whose saved value differs from the default is not."""
+    from mixdepth.train import train_or_reuse
+
+    cfg = _train_cfg(tmp_path, debug_cfg(), max_steps=3)
+    first = train_or_reuse(cfg)
+    path = Path(first["run_dir"]) / "run.json"
+    saved = json.loads(path.read_text())
+    del saved["diverge_nats"], saved["model"]["local_window"], saved["model"]["routing"]["router_norm"]
+    path.write_text(json.dumps(saved))
+    again = train_or_reuse(cfg)
+    assert again.get("reused") and again["checkpoint"] == first["checkpoint"]
+    saved["model"]["routing"]["router_norm"] = True
+    path.write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="other settings"):
+        train_or_reuse(cfg)

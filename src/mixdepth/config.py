@@ -162,10 +162,12 @@ class RoutingConfig(_Serializable):
         _check(self.gate in GATES, f"routing.gate must be one of {GATES}, got {self.gate!r}")
         _check(self.router_detach in (None, True, False),
                f"routing.router_detach must be true, false or null, got {self.router_detach!r}")
-        _check(isinstance(self.router_norm, bool), f"routing.router_norm must be true or false, got {self.router_norm!r}")
+        _check(isinstance(self.router_norm, bool),
+               f"routing.router_norm must be true or false, got {self.router_norm!r}")
         _check(isinstance(self.router_lr_scale, (int, float)) and self.router_lr_scale > 0,
                f"routing.router_lr_scale must be > 0, got {self.router_lr_scale}")
-        _check(isinstance(self.rule_tokens, (list, tuple)) and all(isinstance(t, int) and t >= 0 for t in self.rule_tokens),
+        _check(isinstance(self.rule_tokens, (list, tuple))
+               and all(isinstance(t, int) and t >= 0 for t in self.rule_tokens),
                f"routing.rule_tokens must be a list of token ids >= 0, got {self.rule_tokens}")
         self.rule_tokens = list(self.rule_tokens)
         _check(self.mode in MODES, f"routing.mode must be one of {MODES}, got {self.mode!r}")
@@ -184,6 +186,11 @@ class RoutingConfig(_Serializable):
     def is_routed(self, layer: int, n_layers: int) -> bool:
         if self.router == "none":
             return False
+        return self.in_pattern(layer)
+
+    def in_pattern(self, layer: int) -> bool:
+        """Whether `layer` is in the routed pattern (`routed_layers` or `route_every`), whatever the router:
+        a dense model's layers in the pattern keep full attention under `model.local_window`."""
         if self.routed_layers is not None:
             return layer in self.routed_layers
         return layer % self.route_every == self.route_every - 1
@@ -305,9 +312,11 @@ class ModelConfig(_Serializable):
     """Attention window of the source model (Mistral); 0 for none. Attention here always spans the
     whole prefix, so max_seq_len may not exceed the window: the model then computes what the source does."""
     local_window: int = 0
-    """Attention window of the non-routed layers: a token attends to itself and the `local_window - 1`
-    tokens before it (0: the whole prefix). The routed layers keep full attention, so they carry the
-    long-range information (as SpaceByte's global blocks). FLOP counts still charge full attention."""
+    """Attention window of the layers outside the routed pattern: a token attends to itself and the
+    `local_window - 1` tokens before it (0: the whole prefix). The routed layers keep full attention, so
+    they carry the long-range information (as SpaceByte's global blocks); a dense model (router none)
+    keeps full attention on the layers of the pattern too, so it stays MoD's twin. FLOP counts still
+    charge full attention."""
     family: str = "llama"
     """Hugging Face model family this architecture follows (llama, mistral, qwen2, qwen3): the
     `model_type` that `mixdepth export` writes."""

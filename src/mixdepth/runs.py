@@ -144,8 +144,11 @@ class RunState:
     step: int = 0
 
 
-def inspect_run(run_dir: str | Path, settings: dict[str, Any], total_steps: int) -> RunState:
-    """Compare a run folder with the settings of a run of `total_steps` steps about to use it."""
+def inspect_run(run_dir: str | Path, settings: dict[str, Any], total_steps: int, normalise=None) -> RunState:
+    """Compare a run folder with the settings of a run of `total_steps` steps about to use it.
+
+    `normalise` maps the saved settings to what this version would write for them (e.g. settings
+    added since take their defaults), so a run saved before a new setting existed still matches."""
     out = Path(run_dir)
     if not out.exists() or not any(out.iterdir()):
         return RunState("empty")
@@ -153,6 +156,8 @@ def inspect_run(run_dir: str | Path, settings: dict[str, Any], total_steps: int)
         saved = read_settings(out)
     except ValueError:
         saved = None
+    if saved is not None and normalise is not None:
+        saved = normalise(saved)
     if saved is None or changed_settings(saved, settings):
         return RunState("different")
     ckpt = latest_checkpoint(out)

@@ -55,7 +55,7 @@ ARMS: dict[str, tuple[str, str]] = {
     "dense": ("dense", "every token, every block (ceiling)"),
 }
 """Named arms: name -> (sweep variant, what it is)."""
-DEFAULT_ARMS = ["learned", "learned-gate1", "learned-norm", "random", "frozen", "rule", "dropped", "dense"]
+DEFAULT_ARMS = ["learned", "learned-gate1", "learned-norm", "learned-lr10", "random", "frozen", "rule", "dropped", "dense"]
 
 
 @dataclass(kw_only=True)
@@ -86,6 +86,9 @@ class StudyConfig:
     """Peak learning rate (cosine to lr/10); the sweep's 2e-3 scaled for an 8x smaller batch."""
     warmup: float = 0.05
     """Warmup as a fraction of each run's steps."""
+    window: int = 0
+    """Local attention window of the layers outside the routed pattern, in every arm (0: none): the
+    routed layers (or, in the dense arm, the same layers) then carry the long-range information."""
     eval_batches: int = 16
     """Validation batches (of `batch_size` windows) for the losses and the selection statistics."""
     data: str = "shakespeare"
@@ -106,20 +109,26 @@ class StudyConfig:
 
         if not self.arms:
             raise ValueError("--arms must name at least one arm")
+        if not isinstance(self.window, int) or self.window < 0:
+            raise ValueError(f"--window must be an integer >= 0, got {self.window}")
         for a in self.arms:
-            parse_variant(arm_variant(a))
+            parse_variant(self.variant(a))
         if self.reference not in self.arms:
             raise ValueError(f"--reference {self.reference!r} is not among --arms {self.arms}")
-        if len({arm_variant(a) for a in self.arms}) != len(self.arms):
+        if len({self.variant(a) for a in self.arms}) != len(self.arms):
             raise ValueError(f"--arms names one variant twice: {self.arms}")
         if not self.seeds:
             raise ValueError("--seeds must name at least one seed")
+
+    def variant(self, arm: str) -> str:
+        """The sweep variant of an arm in this study (with the window, if any)."""
+        return arm_variant(arm) + (f"+local_window={self.window}" if self.window else "")
 
     def sweep(self):
         """The sweep that trains the arms: one depth, one budget, the arms as variants, no speed."""
         from .sweep import SweepConfig
 
-        return SweepConfig(out_dir=self.out_dir, variants=[arm_variant(a) for a in self.arms], ablations=[],
+        return SweepConfig(out_dir=self.out_dir, variants=[self.variant(a) for a in self.arms], ablations=[],
                            depths=[self.depth], aspect=self.aspect, head_dim=self.head_dim, budgets=[self.budget],
                            seeds=list(self.seeds), seq_len=self.seq_len, batch_size=self.batch_size, lr=self.lr,
                            warmup=self.warmup, data=self.data, eval_batches=self.eval_batches, decode_tokens=0,
@@ -219,12 +228,12 @@ def _analysis(cfg: StudyConfig, result: dict[str, Any]) -> dict[str, Any]:
 def summarise_arms(cfg: StudyConfig, results: list[dict[str, Any]], analyses: dict[str, dict]) -> list[dict]:
     """One row per arm: mean ± std of its losses over seeds, the paired difference to the reference
     (mean, standard error, verdict), and the selection statistics per routed layer (mean over seeds)."""
-    by_arm = {a: sorted((r for r in results if r["variant"] == arm_variant(a)), key=lambda r: r["seed"])
+    by_arm = {a: sorted((r for r in results if r["variant"] == cfg.variant(a)), key=lambda r: r["seed"])
               for a in cfg.arms}
     ref = by_arm[cfg.reference]
     rows = []
     for arm, rs in by_arm.items():
-        row: dict[str, Any] = {"arm": arm, "variant": arm_variant(arm), "about": ARMS.get(arm, ("", ""))[1],
+        row: dict[str, Any] = {"arm": arm, "variant": cfg.variant(arm), "about": ARMS.get(arm, ("", ""))[1],
                                "seeds": len(rs), "steps": rs[0]["steps"],
                                "fwd_flops_per_token": rs[0]["fwd_flops_per_token"]}
         for key in ("loss_topk", "loss_causal"):
@@ -300,8 +309,9 @@ def findings(cfg: StudyConfig, rows: list[dict]) -> list[str]:
     """Each arm against the reference, judged by the paired difference and its standard error."""
     ref = cfg.reference
     refrow = next(r for r in rows if r["arm"] == ref)
-    out = [f"Reference: {ref} ({refrow['about'] or refrow['variant']}), loss {_pm(refrow['loss_topk'], refrow['loss_topk_std'])} "
-           f"over {refrow['seeds']} seeds at {cfg.budget:.3g} training FLOPs."]
+    loss = _pm(refrow["loss_topk"], refrow["loss_topk_std"])
+    out = [f"Reference: {ref} ({refrow['about'] or refrow['variant']}), loss {loss} over {refrow['seeds']} seeds at "
+           f"{cfg.budget:.3g} training FLOPs."]
     for r in rows:
         if r["arm"] == ref:
             continue
@@ -309,7 +319,7 @@ def findings(cfg: StudyConfig, rows: list[dict]) -> list[str]:
         d, se, v = r["d_loss"], r["d_loss_se"], r["verdict"]
         se_s = f" ± {se:.4f} (standard error of the paired difference)" if se is not None else ""
         if v == "not resolved" or v.startswith("one seed"):
-            word = f"not resolved: the difference is within 2 standard errors"
+            word = "not resolved: the difference is within 2 standard errors"
         else:
             word = f"{ref} is {'better' if v == 'higher' else 'worse'} by more than 2 standard errors"
         out.append(f"{ref} vs {what} ({r['arm']}): {what} {r['loss_topk']:.4f}, paired difference {d:+.4f}{se_s}; "
@@ -334,9 +344,9 @@ def run_study(cfg: StudyConfig, *, echo=None) -> dict[str, Any]:
     tcs = check_plan(scfg, specs)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    routed = sorted({i for tc in tcs.values() for i in tc.model.routed_layer_ids})
     say(f"routing study {out}: {len(cfg.arms)} arms x {len(cfg.seeds)} seeds at {cfg.budget:.3g} FLOPs, depth "
-        f"{cfg.depth} (routed layers {tcs[specs[0].name].model.routed_layer_ids or '-'} in the routed arms), "
-        f"{cfg.jobs} at a time")
+        f"{cfg.depth} (routed layers {routed} in the routed arms), {cfg.jobs} at a time")
     write_json_atomic(out / "study.json", dataclasses.asdict(cfg))
     results = _run_all(scfg, specs, tcs, say)
     analyses = {r["run"]: _analysis(cfg, r) for r in results}

@@ -347,6 +347,10 @@ def cached_result(cfg: SweepConfig, spec: RunSpec, tc) -> dict[str, Any] | None:
         saved = read_json_file(path, "sweep result")
     except ValueError:
         return None
+    if isinstance(saved, dict) and isinstance(saved.get("settings"), dict):
+        from .train import normalised_settings
+
+        saved["settings"] = normalised_settings(saved["settings"])
     return saved if isinstance(saved, dict) and saved.get("settings") == essential(tc.to_dict()) else None
 
 

@@ -520,8 +520,8 @@ class Trainer:
         best = getattr(self, "_best_avg", None)
         if self.cfg.diverge_nats and best is not None and loss > best + self.cfg.diverge_nats:
             raise ValueError(f"training diverged at step {self.step + 1}: loss {loss:.4f}, more than "
-                             f"{self.cfg.diverge_nats:g} nats above its lowest moving average {best:.4f} (lr {lr:.3g}); "
-                             f"stopped, {kept}")
+                             f"{self.cfg.diverge_nats:g} nats above its lowest moving average {best:.4f} "
+                             f"(lr {lr:.3g}); stopped, {kept}")
         avg = getattr(self, "_avg", None)
         self._avg = loss if avg is None else 0.9 * avg + 0.1 * loss
         self._best_avg = self._avg if best is None else min(best, self._avg)
@@ -675,6 +675,21 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     return Trainer(cfg).fit()
 
 
+def normalised_settings(saved: dict[str, Any]) -> dict[str, Any]:
+    """A run's saved settings as this version writes them: settings added since the run was saved
+    take their defaults (which compute what the run computed), so it still counts as the same run.
+    Settings this version does not know are left as they are (the run then differs)."""
+    level = log.level
+    log.setLevel(logging.WARNING)  # from_dict notes each missing key; here they are expected
+    try:
+        filled = TrainConfig.from_dict(runs.essential(saved)).to_dict()
+    except (ValueError, TypeError):
+        return saved
+    finally:
+        log.setLevel(level)
+    return {**saved, **runs.essential(filled)}
+
+
 def train_or_reuse(cfg: TrainConfig, overwrite: bool = False) -> dict[str, Any]:
     """Train a run; reuse it when it already finished with the same settings, resume it if cut off.
 
@@ -683,7 +698,7 @@ def train_or_reuse(cfg: TrainConfig, overwrite: bool = False) -> dict[str, Any]:
     """
     out = Path(cfg.out_dir)
     total = cfg.total_steps()
-    state = runs.inspect_run(out, cfg.to_dict(), total)
+    state = runs.inspect_run(out, cfg.to_dict(), total, normalise=normalised_settings)
     if state.kind == "different":
         if not overwrite:
             raise ValueError(f"{out} holds a run with other settings; pass --overwrite to replace it "

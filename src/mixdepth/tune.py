@@ -505,7 +505,9 @@ def tune(ckpt: str | Path, out: str | Path, tc: TuneConfig, *, curve: bool = Tru
         layers = least_sensitive(sens[unit]["kl"], n_routed)
         routing = dataclasses.replace(
             cfg.routing, router="expert_choice", routed_layers=layers, unit=unit, gate="straight_through",
-            causal_method=tc.causal_method, aux_loss_weight=tc.aux_loss_weight, capacity=0.5, mode="causal")
+            # the trunk is frozen: the router gradient through the residual reaches only earlier routers
+            router_detach=False, causal_method=tc.causal_method, aux_loss_weight=tc.aux_loss_weight, capacity=0.5,
+            mode="causal")
         mcfg = dataclasses.replace(cfg, routing=routing)
         if _checkpoint_ready(path):
             model = with_config(source, mcfg)

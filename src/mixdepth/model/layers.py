@@ -242,7 +242,8 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int) -> None:
         super().__init__()
         self.layer_id = layer_id
-        self.local_window = cfg.local_window  # used by non-routed blocks only (`forward`)
+        # the window of a block outside the routed pattern (used by `forward`, which routed blocks do not run)
+        self.local_window = 0 if cfg.routing.in_pattern(layer_id) else cfg.local_window
         self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
