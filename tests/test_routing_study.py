@@ -340,14 +340,17 @@ def test_study_table_and_findings_follow_the_numbers():
         for s, loss in enumerate(ls):
             run = f"{v}-s{s}"
             results.append({"run": run, "variant": v, "seed": s, "steps": 100, "fwd_flops_per_token": 1.0,
-                            "loss_topk": loss, "loss_causal": None if v != "mod-12.5-e2" else loss + 0.01})
+                            "loss_topk": 9.0})  # the training-time evaluation: not what the study compares
             layers = {} if v == "dense" else {"1": {"p_after_ws": 0.3, "p_is_ws": 0.1, "base_rate": 0.125}}
-            analyses[run] = {"loss_initial": loss + 1, "loss_other": loss - 0.1, "layers": layers}
+            analyses[run] = {"loss": loss, "loss_causal": None if v == "random-12.5-e2" else loss + 0.01,
+                             "loss_initial": loss + 1, "loss_other": loss - 0.1, "layers": layers}
     rows = {r["arm"]: r for r in summarise_arms(cfg, results, analyses)}
     assert rows["random"]["d_loss"] == pytest.approx(0.0567, abs=1e-4)  # d = 0.06, 0.05, 0.06
     assert rows["random"]["verdict"] == "higher"
     assert rows["dense"]["verdict"] == "not resolved"  # d = 0.01, -0.02, 0.04
     assert rows["random"]["d_initial"] == pytest.approx(rows["random"]["d_loss"])
+    assert rows["learned"]["loss_topk"] == pytest.approx(1.5033, abs=1e-4)
+    assert rows["learned"]["loss_causal"] == pytest.approx(1.5133, abs=1e-4) and rows["random"]["loss_causal"] is None
     table = format_table(cfg, rows.values())
     assert "| random |" in table and "+0.0567 ± " in table and "0.300 / 0.100 / 0.125" in table
     notes = "\n".join(findings(cfg, list(rows.values())))

@@ -90,7 +90,10 @@ class StudyConfig:
     """Local attention window of the layers outside the routed pattern, in every arm (0: none): the
     routed layers (or, in the dense arm, the same layers) then carry the long-range information."""
     eval_batches: int = 16
-    """Validation batches (of `batch_size` windows) for the losses and the selection statistics."""
+    """Validation batches (of `batch_size` windows) of the evaluations during training."""
+    eval_windows: int = 128
+    """Validation windows (of `seq_len` tokens, the same for every arm) of the study's losses and
+    selection statistics."""
     data: str = "shakespeare"
     """Corpus (bytes as tokens)."""
     jobs: int = 2
@@ -162,8 +165,9 @@ def verdict(diff: float, se: float | None) -> str:
 
 # ---- per-run analysis: which tokens each routed layer takes, loss by kind of byte --------------------
 def analyse_run(checkpoint: str, cfg: StudyConfig) -> dict[str, Any]:
-    """Loss on word-initial and other bytes, and per routed layer P(selected | previous byte is
-    whitespace) and P(selected | byte is whitespace), `topk` mode, on the study's validation windows."""
+    """Loss in `topk` mode (and `causal` mode, where the router has a causal rule), on word-initial
+    and on other bytes, and per routed layer P(selected | previous byte is whitespace) and
+    P(selected | byte is whitespace) in `topk` mode, on the study's `eval_windows` validation windows."""
     import torch
     import torch.nn.functional as F
 
@@ -176,18 +180,20 @@ def analyse_run(checkpoint: str, cfg: StudyConfig) -> dict[str, Any]:
     model = load_model(checkpoint, device)
     model.eval()
     tokens = prepare_corpus(cfg.data, load_tokenizer(checkpoint), cfg.cache_dir)
-    n = cfg.eval_batches * cfg.batch_size
-    starts = tokens.eval_offsets(cfg.seq_len, n)
+    starts = tokens.eval_offsets(cfg.seq_len, cfg.eval_windows)
     ws = torch.tensor(WHITESPACE_BYTES, device=device)
-    sums = {"initial": 0.0, "other": 0.0}
+    sums = {"initial": 0.0, "other": 0.0, "causal": 0.0}
     counts = {"initial": 0, "other": 0}
     sel: dict[int, dict[str, float]] = {}
+    per = 16  # windows per forward
     with torch.no_grad(), torch.random.fork_rng():
         torch.manual_seed(0)
-        for b in range(cfg.eval_batches):
-            x, y = tokens.batch_at("val", starts[b * cfg.batch_size:(b + 1) * cfg.batch_size], cfg.seq_len, device)
+        for b in range(0, cfg.eval_windows, per):
+            x, y = tokens.batch_at("val", starts[b:b + per], cfg.seq_len, device)
             out = model(x, y, mode="topk", return_routing=True)
             loss = F.cross_entropy(out.logits.float().transpose(1, 2), y, reduction="none")  # (B, T)
+            if model.can_decode_causally:
+                sums["causal"] += float(model(x, y, mode="causal").lm_loss) * y.numel()
             # y[t] is word-initial when the byte before it (x[t]) is whitespace and it is not
             initial = torch.isin(x, ws) & ~torch.isin(y, ws)
             for key, mask in (("initial", initial), ("other", ~initial)):
@@ -205,7 +211,10 @@ def analyse_run(checkpoint: str, cfg: StudyConfig) -> dict[str, Any]:
                 s["n"] += chosen.numel()
     layers = {str(i): {"p_after_ws": s["after"] / max(1, s["n_after"]), "p_is_ws": s["ws"] / max(1, s["n_ws"]),
                        "base_rate": s["all"] / max(1, s["n"])} for i, s in sorted(sel.items())}
-    return {"checkpoint": checkpoint, "loss_initial": sums["initial"] / max(1, counts["initial"]),
+    n = counts["initial"] + counts["other"]
+    return {"checkpoint": checkpoint, "tokens": n, "loss": (sums["initial"] + sums["other"]) / n,
+            "loss_causal": sums["causal"] / n if model.can_decode_causally else None,
+            "loss_initial": sums["initial"] / max(1, counts["initial"]),
             "loss_other": sums["other"] / max(1, counts["other"]),
             "frac_initial": counts["initial"] / max(1, counts["initial"] + counts["other"]), "layers": layers}
 
@@ -215,10 +224,10 @@ def _analysis(cfg: StudyConfig, result: dict[str, Any]) -> dict[str, Any]:
     path = Path(cfg.out_dir) / "analysis" / f"{result['run']}.json"
     if path.exists():
         saved = read_json_file(path, "study analysis")
-        if saved.get("checkpoint") == result["checkpoint"] and saved.get("eval_batches") == cfg.eval_batches:
+        if saved.get("checkpoint") == result["checkpoint"] and saved.get("eval_windows") == cfg.eval_windows:
             return saved
     a = analyse_run(result["checkpoint"], cfg)
-    a["eval_batches"] = cfg.eval_batches
+    a["eval_windows"] = cfg.eval_windows
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, a)
     return a
@@ -236,22 +245,21 @@ def summarise_arms(cfg: StudyConfig, results: list[dict[str, Any]], analyses: di
         row: dict[str, Any] = {"arm": arm, "variant": cfg.variant(arm), "about": ARMS.get(arm, ("", ""))[1],
                                "seeds": len(rs), "steps": rs[0]["steps"],
                                "fwd_flops_per_token": rs[0]["fwd_flops_per_token"]}
-        for key in ("loss_topk", "loss_causal"):
-            vals = [r[key] for r in rs if r[key] is not None]
-            row[key], row[key + "_std"] = _mean_std(vals) if len(vals) == len(rs) else (None, None)
         an = [analyses[r["run"]] for r in rs]
+        for key, src in (("loss_topk", "loss"), ("loss_causal", "loss_causal")):
+            vals = [a[src] for a in an if a.get(src) is not None]
+            row[key], row[key + "_std"] = _mean_std(vals) if len(vals) == len(rs) else (None, None)
         for key in ("loss_initial", "loss_other"):
             row[key], row[key + "_std"] = _mean_std([a[key] for a in an])
         layers = sorted(an[0]["layers"], key=int)
         row["selection"] = {i: {k: statistics.fmean(a["layers"][i][k] for a in an)
                                 for k in ("p_after_ws", "p_is_ws", "base_rate")} for i in layers}
         if arm != cfg.reference:
-            for key, ref_key in (("loss_topk", "d_loss"), ("loss_initial", "d_initial"), ("loss_other", "d_other")):
-                a_vals = [r[key] if key == "loss_topk" else analyses[r["run"]][key] for r in rs]
-                b_vals = [r[key] if key == "loss_topk" else analyses[r["run"]][key] for r in ref]
-                if [r["seed"] for r in rs] != [r["seed"] for r in ref]:
-                    raise ValueError(f"arm {arm} and {cfg.reference} were trained on different seeds")
-                row[ref_key], row[ref_key + "_se"] = paired_difference(a_vals, b_vals)
+            if [r["seed"] for r in rs] != [r["seed"] for r in ref]:
+                raise ValueError(f"arm {arm} and {cfg.reference} were trained on different seeds")
+            for key, ref_key in (("loss", "d_loss"), ("loss_initial", "d_initial"), ("loss_other", "d_other")):
+                row[ref_key], row[ref_key + "_se"] = paired_difference([analyses[r["run"]][key] for r in rs],
+                                                                       [analyses[r["run"]][key] for r in ref])
             row["verdict"] = verdict(row["d_loss"], row["d_loss_se"])
         rows.append(row)
     return rows
