@@ -55,7 +55,8 @@ ARMS: dict[str, tuple[str, str]] = {
     "dense": ("dense", "every token, every block (ceiling)"),
 }
 """Named arms: name -> (sweep variant, what it is)."""
-DEFAULT_ARMS = ["learned", "learned-gate1", "learned-norm", "learned-lr10", "random", "frozen", "rule", "dropped", "dense"]
+DEFAULT_ARMS = ["learned", "learned-gate1", "learned-norm", "learned-lr10", "random", "frozen", "rule", "dropped",
+                "dense"]
 
 
 @dataclass(kw_only=True)

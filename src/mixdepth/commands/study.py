@@ -12,7 +12,8 @@ SCALARS = {
     "--reference": ("reference", str), "--depth": ("depth", int), "--aspect": ("aspect", int),
     "--head-dim": ("head_dim", int), "--budget": ("budget", float), "--seq-len": ("seq_len", int),
     "--batch-size": ("batch_size", int), "--lr": ("lr", float), "--warmup": ("warmup", float),
-    "--eval-batches": ("eval_batches", int), "--window": ("window", int), "--data": ("data", str), "--cache-dir": ("cache_dir", str),
+    "--eval-batches": ("eval_batches", int), "--eval-windows": ("eval_windows", int), "--window": ("window", int),
+    "--data": ("data", str), "--cache-dir": ("cache_dir", str),
 }
 
 
