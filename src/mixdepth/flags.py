@@ -166,6 +166,21 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, prefix: str, 
         )
 
 
+def add_field_flags(parser: argparse.ArgumentParser, cls: type, flags: dict[str, tuple[str, type]]) -> None:
+    """`--flag` for each `flag -> (field of cls, type)`, unset by default, with the field's docstring
+    and default as its help (a workflow's settings dataclass: `SweepConfig`, `StudyConfig`)."""
+    docs, defaults = field_docs(cls), {f.name: f.default for f in dataclasses.fields(cls)}
+    for flag, (name, kind) in flags.items():
+        parser.add_argument(flag, type=kind, default=None,
+                            help=f"{docs.get(name, '')} (default: {defaults[name]})".replace("%", "%%"))
+
+
+def field_flag_values(args: argparse.Namespace, flags: dict[str, tuple[str, type]]) -> dict[str, Any]:
+    """The fields of the `add_field_flags` flags that were given."""
+    values = {name: getattr(args, flag[2:].replace("-", "_")) for flag, (name, _) in flags.items()}
+    return {name: v for name, v in values.items() if v is not None}
+
+
 def overrides_from_args(args: argparse.Namespace, prefix: str) -> dict[str, Any]:
     """The `--{prefix}.*` flags that were given, by field name."""
     p = prefix + "."

@@ -344,7 +344,7 @@ def findings(cfg: StudyConfig, rows: list[dict]) -> list[str]:
 # ---- the whole study --------------------------------------------------------------------------------
 def run_study(cfg: StudyConfig, *, echo=None) -> dict[str, Any]:
     """Train (or reuse) every arm at every seed, analyse, and write the table, findings and plot."""
-    from .sweep import _csv, _run_all, check_plan, plan, plot_training_curves, summarise
+    from .sweep import _csv, _run_all, check_plan, echo_report, plan, plot_training_curves, summarise
 
     say = echo or (lambda line: None)
     scfg = cfg.sweep()
@@ -370,11 +370,7 @@ def run_study(cfg: StudyConfig, *, echo=None) -> dict[str, Any]:
     write_text_atomic(out / "findings.md", "\n".join(f"- {n}" for n in notes) + "\n")
     sweep_rows = summarise(results, {})
     fig = plot_training_curves(results, sweep_rows, out / "training_curves.png")
-    say("")
-    say(table)
-    say("")
-    for n in notes:
-        say(f"- {n}")
+    echo_report(say, table, notes)
     say(f"\ndone in {time.perf_counter() - t0:.0f} s; outputs in {out}")
     return {"out_dir": str(out), "results": results, "rows": rows, "table": table, "findings": notes,
             "figure": str(fig)}

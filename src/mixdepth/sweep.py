@@ -820,6 +820,15 @@ def plot_training_curves(results: list[dict[str, Any]], rows: list[dict[str, Any
     return _save(fig, out_png)
 
 
+def echo_report(say, table: str, notes: list[str]) -> None:
+    """The table and the findings, as a sweep or a study prints them at the end."""
+    say("")
+    say(table)
+    say("")
+    for n in notes:
+        say(f"- {n}")
+
+
 # ---- the whole sweep ------------------------------------------------------------------------------
 def run_sweep(cfg: SweepConfig, *, echo=None) -> dict[str, Any]:
     """Plan, check, train, evaluate, time and report a sweep (see the module docstring)."""
@@ -856,11 +865,7 @@ def run_sweep(cfg: SweepConfig, *, echo=None) -> dict[str, Any]:
                "loss_vs_forward_flops": plot_loss_vs_forward_flops(rows, out / "loss_vs_forward_flops.png"),
                "training_curves": plot_training_curves(results, rows, out / "training_curves.png")}
     total_s = time.perf_counter() - t0
-    say("")
-    say(table)
-    say("")
-    for n in notes:
-        say(f"- {n}")
+    echo_report(say, table, notes)
     say(f"\ntrained and evaluated in {train_s:.0f} s, total {total_s:.0f} s; outputs in {out}")
     return {"out_dir": str(out), "results": results, "rows": rows, "table": table, "findings": notes,
             "figures": {k: str(v) for k, v in figures.items()}, "speed": speed, "time_s": total_s}

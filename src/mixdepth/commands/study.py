@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
-from ..flags import add_device_args, field_docs, seed_list
+from ..flags import add_device_args, add_field_flags, field_flag_values, seed_list
 from ..study import ARMS, StudyConfig, run_study
 
 SCALARS = {
@@ -24,10 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"comma-separated arms (default: {','.join(StudyConfig().arms)}); named arms: {arms}; "
                              "any sweep variant name is an arm too".replace("%", "%%"))
     parser.add_argument("--seeds", type=seed_list, default=None, help="number of seeds (3 = 0,1,2) or a list")
-    docs, defaults = field_docs(StudyConfig), {f.name: f.default for f in dataclasses.fields(StudyConfig)}
-    for flag, (name, kind) in SCALARS.items():
-        parser.add_argument(flag, type=kind, default=None,
-                            help=f"{docs.get(name, '')} (default: {defaults[name]})".replace("%", "%%"))
+    add_field_flags(parser, StudyConfig, SCALARS)
     parser.add_argument("-j", "--jobs", type=int, default=None, help="runs trained side by side (default: 2)")
     add_device_args(parser)
     parser.add_argument("--overwrite", action="store_true", help="replace run folders that hold other settings")
@@ -40,10 +36,7 @@ def study_config(args: argparse.Namespace) -> StudyConfig:
         fields["arms"] = [a.strip() for a in args.arms.split(",") if a.strip()]
     if args.seeds is not None:
         fields["seeds"] = args.seeds
-    for flag, (name, _) in SCALARS.items():
-        value = getattr(args, flag[2:].replace("-", "_"))
-        if value is not None:
-            fields[name] = value
+    fields.update(field_flag_values(args, SCALARS))
     if args.jobs is not None:
         fields["jobs"] = args.jobs
     fields["device"] = "cpu" if args.device == "auto" else args.device

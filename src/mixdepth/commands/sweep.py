@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
-from ..flags import add_device_args, field_docs, number_list, seed_list
+from ..flags import add_device_args, add_field_flags, field_flag_values, number_list, seed_list
 from ..sweep import PRESETS, VARIANT_HELP, SweepConfig, run_sweep
 
 
@@ -41,10 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=seed_list, default=None, help="number of seeds (3 = 0,1,2) or a list")
     for flag, (_, _, help_) in LISTS.items():
         parser.add_argument(flag, default=None, help=help_.replace("%", "%%"))  # argparse formats help with %
-    docs, defaults = field_docs(SweepConfig), {f.name: f.default for f in dataclasses.fields(SweepConfig)}
-    for flag, (name, kind) in SCALARS.items():
-        parser.add_argument(flag, type=kind, default=None,
-                            help=f"{docs.get(name, '')} (default: {defaults[name]})".replace("%", "%%"))
+    add_field_flags(parser, SweepConfig, SCALARS)
     parser.add_argument("-j", "--jobs", type=int, default=None, help="runs trained side by side (worker processes)")
     add_device_args(parser)
     parser.add_argument("--overwrite", action="store_true", help="replace run folders that hold other settings")
@@ -60,10 +56,7 @@ def sweep_config(args: argparse.Namespace) -> SweepConfig:
         value = getattr(args, flag[2:].replace("-", "_"))
         if value is not None:
             fields[name] = [] if name == "ablations" and value.strip() == "none" else parse(value)
-    for flag, (name, _) in SCALARS.items():
-        value = getattr(args, flag[2:].replace("-", "_"))
-        if value is not None:
-            fields[name] = value
+    fields.update(field_flag_values(args, SCALARS))
     if args.jobs is not None:
         fields["jobs"] = args.jobs
     if args.device != "auto" or "device" not in fields:  # the preset's device unless one is named
