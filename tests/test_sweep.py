@@ -80,6 +80,9 @@ def test_plan_is_the_grid_and_runs_share_the_seed_schedule(tmp_path, corpus):
     for tc in (a, b):
         assert tc.total_steps() * tc.flops_per_step <= 2e9 < (tc.total_steps() + 1) * tc.flops_per_step
     assert b.total_steps() > a.total_steps()
+    # depth 1 routes no layer every other block: the routed variant starts at depth 2, dense at 1
+    low = plan(tiny(tmp_path, corpus, depths=[1, 2], budgets=[1e9], seeds=[0]))
+    assert sorted((s.variant, s.depth) for s in low) == [("dense", 1), ("dense", 2), (MAIN_MOD, 2)]
 
 
 def test_tiny_sweep_end_to_end(tmp_path, corpus):
@@ -270,7 +273,7 @@ def test_workers_give_the_table_of_one_process(tmp_path, corpus):
     (["--variants", "dense,mod-12.5-e2,moon"], "unknown variant 'moon'"),
     (["--budgets", "1e6"], "less than one optimizer step"),
     (["--seq-len", "64", "--max-seq-len", "32"], "does not fit the size family's max_seq_len"),
-    (["--depths", "1,2"], "routes no layer at depth 1"),
+    (["--depths", "1"], "routes no layer at depth 1"),
     (["--aspect", "12"], "not a multiple of --head-dim"),
 ])
 def test_bad_sweeps_stop_before_training(tmp_path, corpus, capsys, flags, message):
