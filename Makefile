@@ -39,12 +39,12 @@ smollm-curve: venv
 	test -d runs/smollm || $(VENV)/bin/mixdepth convert $(SMOLLM_GGUF) --out runs/smollm --routing.router none
 	$(VENV)/bin/mixdepth tune runs/smollm --out runs/smollm-tuned
 
-# issue 18's isoFLOP sweep, the README's Results (about 70 minutes on 2 CPU cores; rerunning resumes)
+# the isoFLOP sweep of the README's Results (54 runs, about 105 minutes on 2 CPU cores; rerunning resumes)
 sweep: venv
 	$(VENV)/bin/mixdepth sweep --preset cpu
 
 # issue 27's routing study: learned vs random, frozen and rule routing at equal FLOPs, paired seeds
-# (about 25 minutes on 2 CPU cores; rerunning resumes)
+# (18 runs; 40 minutes on 2 CPU cores shared with a sweep; rerunning resumes)
 study: venv
 	$(VENV)/bin/mixdepth study
 
