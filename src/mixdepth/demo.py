@@ -329,10 +329,10 @@ def _figures(cfg: DemoConfig, runs: dict[str, dict], tokens, mod_run: dict) -> d
 
 
 # ---- text output ----------------------------------------------------------------------------------
-def fmt_mean_std(v: float | None, std: float | None = None, digits: int = 4) -> str:
+def fmt_mean_std(v: float | None, std: float | None = None, digits: int = 4, sign: bool = False) -> str:
     if v is None:
         return "-"
-    s = f"{v:.{digits}f}"
+    s = f"{v:+.{digits}f}" if sign else f"{v:.{digits}f}"
     return s + (f" ± {std:.{digits}f}" if std is not None else "")
 
 

@@ -155,7 +155,7 @@ class StaticDecoder:
         if model.cfg.local_window:
             raise ValueError("static decoding does not window the non-routed layers' attention "
                              "(model.local_window): decode without --compile")
-        if any(layer.router.needs_ids for layer in model.routed_layers):
+        if model.needs_ids:
             raise ValueError(f"static decoding does not pass token ids to the {model.cfg.routing.router} router "
                              "(decode without --compile)")
         self.model = model

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .demo import fmt_mean_std, mean_std
 from .files import read_json_file, write_json_atomic, write_text_atomic
 
 ARMS: dict[str, tuple[str, str]] = {
@@ -250,9 +251,9 @@ def summarise_arms(cfg: StudyConfig, results: list[dict[str, Any]], analyses: di
         an = [analyses[r["run"]] for r in rs]
         for key, src in (("loss_topk", "loss"), ("loss_causal", "loss_causal")):
             vals = [a[src] for a in an if a.get(src) is not None]
-            row[key], row[key + "_std"] = _mean_std(vals) if len(vals) == len(rs) else (None, None)
+            row[key], row[key + "_std"] = mean_std(vals) if len(vals) == len(rs) else (None, None)
         for key in ("loss_initial", "loss_other"):
-            row[key], row[key + "_std"] = _mean_std([a[key] for a in an])
+            row[key], row[key + "_std"] = mean_std([a[key] for a in an])
         layers = sorted(an[0]["layers"], key=int)
         row["selection"] = {i: {k: statistics.fmean(a["layers"][i][k] for a in an)
                                 for k in ("p_after_ws", "p_is_ws", "base_rate")} for i in layers}
@@ -267,19 +268,6 @@ def summarise_arms(cfg: StudyConfig, results: list[dict[str, Any]], analyses: di
     return rows
 
 
-def _mean_std(xs: list[float]) -> tuple[float, float | None]:
-    from .demo import mean_std
-
-    return mean_std(xs)
-
-
-def _pm(mean: float | None, sd: float | None, digits: int = 4, sign: bool = False) -> str:
-    if mean is None:
-        return "-"
-    m = f"{mean:+.{digits}f}" if sign else f"{mean:.{digits}f}"
-    return m if sd is None else f"{m} ± {sd:.{digits}f}"
-
-
 def format_table(cfg: StudyConfig, rows: list[dict]) -> str:
     """Markdown: arms with losses (mean ± std over seeds) and paired differences to the reference
     (mean ± standard error), then the selection statistics per routed layer."""
@@ -289,13 +277,13 @@ def format_table(cfg: StudyConfig, rows: list[dict]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in rows:
         lines.append("| " + " | ".join([
-            r["arm"], r["about"] or r["variant"], str(r["steps"]), _pm(r["loss_topk"], r["loss_topk_std"]),
-            _pm(r.get("d_loss"), r.get("d_loss_se"), sign=True) if r["arm"] != ref else "(reference)",
-            r.get("verdict", "-"), _pm(r["loss_initial"], r["loss_initial_std"]),
-            _pm(r.get("d_initial"), r.get("d_initial_se"), sign=True) if r["arm"] != ref else "-",
-            _pm(r["loss_other"], r["loss_other_std"]),
-            _pm(r.get("d_other"), r.get("d_other_se"), sign=True) if r["arm"] != ref else "-",
-            _pm(r["loss_causal"], r["loss_causal_std"])]) + " |")
+            r["arm"], r["about"] or r["variant"], str(r["steps"]), fmt_mean_std(r["loss_topk"], r["loss_topk_std"]),
+            fmt_mean_std(r.get("d_loss"), r.get("d_loss_se"), sign=True) if r["arm"] != ref else "(reference)",
+            r.get("verdict", "-"), fmt_mean_std(r["loss_initial"], r["loss_initial_std"]),
+            fmt_mean_std(r.get("d_initial"), r.get("d_initial_se"), sign=True) if r["arm"] != ref else "-",
+            fmt_mean_std(r["loss_other"], r["loss_other_std"]),
+            fmt_mean_std(r.get("d_other"), r.get("d_other_se"), sign=True) if r["arm"] != ref else "-",
+            fmt_mean_std(r["loss_causal"], r["loss_causal_std"])]) + " |")
     routed = [r for r in rows if r["selection"]]
     if routed:
         layers = list(routed[0]["selection"])
@@ -319,7 +307,7 @@ def findings(cfg: StudyConfig, rows: list[dict]) -> list[str]:
     """Each arm against the reference, judged by the paired difference and its standard error."""
     ref = cfg.reference
     refrow = next(r for r in rows if r["arm"] == ref)
-    loss = _pm(refrow["loss_topk"], refrow["loss_topk_std"])
+    loss = fmt_mean_std(refrow["loss_topk"], refrow["loss_topk_std"])
     out = [f"Reference: {ref} ({refrow['about'] or refrow['variant']}), loss {loss} over {refrow['seeds']} seeds at "
            f"{cfg.budget:.3g} training FLOPs."]
     for r in rows:

@@ -378,6 +378,8 @@ class Trainer:
                 p.requires_grad_(is_routing_parameter(name))
         self.step, self.tokens, self.flops = 0, 0, 0.0
         self.last_ckpt: Path | None = None
+        self._avg: float | None = None  # the divergence check's moving average of the loss, and its lowest
+        self._best_avg: float | None = None
         self.history: list[dict[str, Any]] = []  # records of the steps before this process started
         state = None
         if cfg.resume:  # the full weights go into the unsharded model, on every rank, before wrapping
@@ -517,13 +519,12 @@ class Trainer:
         kept = f"the last checkpoint {prev} is kept" if prev else "no checkpoint was written"
         if not math.isfinite(loss):
             raise ValueError(f"training loss is {loss} at step {self.step + 1} (lr {lr:.3g}); stopped, {kept}")
-        best = getattr(self, "_best_avg", None)
+        best = self._best_avg
         if self.cfg.diverge_nats and best is not None and loss > best + self.cfg.diverge_nats:
             raise ValueError(f"training diverged at step {self.step + 1}: loss {loss:.4f}, more than "
                              f"{self.cfg.diverge_nats:g} nats above its lowest moving average {best:.4f} "
                              f"(lr {lr:.3g}); stopped, {kept}")
-        avg = getattr(self, "_avg", None)
-        self._avg = loss if avg is None else 0.9 * avg + 0.1 * loss
+        self._avg = loss if self._avg is None else 0.9 * self._avg + 0.1 * loss
         self._best_avg = self._avg if best is None else min(best, self._avg)
 
     def _router_grad_norms(self) -> list[float] | None:

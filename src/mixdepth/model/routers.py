@@ -219,7 +219,7 @@ class ExpertChoiceRouter(LinearRouter):
         if self.rc.aux_loss_weight > 0:
             self.loss_weights["aux_loss"] = self.rc.aux_loss_weight
 
-    def forward(self, x: torch.Tensor, prev_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self.router_input(x), self.weight).squeeze(-1).float()  # (B, T)
 
     def causal_score(self, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
@@ -264,7 +264,7 @@ class TokenChoiceRouter(LinearRouter):
         super().__init__(cfg)
         self.loss_weights = {"balance_loss": self.rc.balance_loss_weight}
 
-    def forward(self, x: torch.Tensor, prev_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = F.linear(self.router_input(x), self.weight).float()  # (B, T, 2)
         return logits[..., 1] - logits[..., 0]  # (B, T)
 
@@ -289,7 +289,7 @@ class RandomRouter(Router):
 
     can_decode_causally = False
 
-    def forward(self, x: torch.Tensor, prev_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.rand(x.shape[:2], device=x.device)  # (B, T)
 
     def gate(self, r: torch.Tensor) -> torch.Tensor:
@@ -323,7 +323,7 @@ class FrozenRouter(ExpertChoiceRouter):
         super().__init__(cfg)
         self.weight.requires_grad_(False)
 
-    def forward(self, x: torch.Tensor, prev_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self.router_input(x).detach(), self.weight.detach()).squeeze(-1).float()  # (B, T)
 
     def gate(self, r: torch.Tensor) -> torch.Tensor:

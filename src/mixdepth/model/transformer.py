@@ -67,6 +67,8 @@ class MoDTransformer(nn.Module):
         # weight of each named auxiliary loss, as the routers declare them (fixed at construction)
         self.loss_weights = {name: w for layer in self.routed_layers for name, w in layer.router.loss_weights.items()}
         self.moe_layers = [layer.mlp for layer in self.layers if isinstance(layer.mlp, MoE)]
+        # routers that read the token before each token (the `rule` router): fixed at construction
+        self.needs_ids = any(layer.router.needs_ids for layer in self.routed_layers)
         if self.moe_layers:
             self.loss_weights["expert_balance_loss"] = cfg.moe.balance_loss_weight
         torch.random.set_rng_state(rng)
@@ -76,13 +78,10 @@ class MoDTransformer(nn.Module):
         """Initialise every weight: the trunk first, then the routers and predictors, so that models
         that differ only in routing draw the same trunk from the same seed (paired comparisons)."""
         modules = list(self.named_modules())
-        routing = [(n, m) for n, m in modules if ".router" in n or ".predictor" in n]
-        taken = {id(m) for _, m in routing}
-        for name, m in modules:
-            if id(m) not in taken:
-                self._init_module(name, m)
-        for name, m in routing:
-            self._init_module(name, m)
+        for routing in (False, True):
+            for name, m in modules:
+                if (".router" in name or ".predictor" in name) == routing:
+                    self._init_module(name, m)
 
     def _init_module(self, name: str, m: nn.Module) -> None:
         std = self.cfg.init_std
@@ -237,7 +236,7 @@ class MoDTransformer(nn.Module):
                 raise ValueError(f"sequence of {T} tokens exceeds model.max_seq_len ({cfg.max_seq_len}{window})")
             position_ids = torch.arange(T, device=dev)[None]  # (1, T)
 
-        prev_ids = self._prev_ids(input_ids, cache) if self._needs_ids else None
+        prev_ids = self._prev_ids(input_ids, cache) if self.needs_ids else None
         x = self.embed_tokens(input_ids)  # (B, T, D)
         for moe in self.moe_layers:  # a staged-MoDE block that no token entered leaves none
             moe.losses = {}
@@ -251,7 +250,7 @@ class MoDTransformer(nn.Module):
             else:
                 x, _ = layer(x, self.rope, position_ids, cache=cache)
         if cache is not None:
-            if self._needs_ids:  # the token before the next call's first token, per row
+            if self.needs_ids:  # the token before the next call's first token, per row
                 ends = (valid_lengths if valid_lengths is not None else torch.full((B,), T)).to(dev)
                 last = input_ids.gather(1, (ends - 1).clamp(min=0)[:, None])[:, 0]
                 cache.last_ids = torch.where(ends > 0, last, cache.last_ids.to(dev))
@@ -272,16 +271,12 @@ class MoDTransformer(nn.Module):
             out.loss = loss
         return out
 
-    @property
-    def _needs_ids(self) -> bool:
-        return any(layer.router.needs_ids for layer in self.routed_layers)
-
     @staticmethod
     def _prev_ids(input_ids: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
         """(B, T): the token before each token; -1 before a sequence's first (or the cache's last)."""
         B = input_ids.shape[0]
         first = torch.full((B, 1), -1, dtype=input_ids.dtype, device=input_ids.device)
-        if cache is not None and cache.last_ids is not None:
+        if cache is not None:
             first = cache.last_ids.to(input_ids.device, input_ids.dtype)[:, None]
         return torch.cat([first, input_ids[:, :-1]], dim=1)
 
