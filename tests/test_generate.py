@@ -222,7 +222,7 @@ def test_fraction_at_generation_time(model):
     # the calibrated thresholds come back after the generation
     assert [float(layer.causal_threshold) for layer in model.routed_layers] == thresholds
     with pytest.raises(ValueError, match="never calibrated"):
-        generate(make_model(fraction=None), PROMPTS, fraction=0.3)
+        generate(make_model(fraction=None), PROMPTS, fraction=0.3, fraction_rule="threshold")
 
 
 # ---- other routers and errors ------------------------------------------------------------------

@@ -174,8 +174,9 @@ def test_a_kept_decoder_decodes_each_generation_at_its_own_fraction():
     dec = StaticDecoder(model)
     eager = {}
     for fraction in (0.2, 0.8, None):
-        want = eager[fraction] = generate(model, prompts, max_new_tokens=12, fraction=fraction).run()
-        got = generate(model, prompts, max_new_tokens=12, fraction=fraction, decoder=dec).run()
+        kw = dict(max_new_tokens=12, fraction=fraction, fraction_rule="threshold")
+        want = eager[fraction] = generate(model, prompts, **kw).run()
+        got = generate(model, prompts, **kw, decoder=dec).run()
         assert got.tokens == want.tokens, fraction
         assert all(torch.equal(a, b) for a, b in zip(got.routing, want.routing)), fraction
         assert got.routed_fraction == want.routed_fraction, fraction

@@ -21,16 +21,21 @@ import torch.nn.functional as F
 from .checkpoint import load_model, verify_checkpoint
 from .data import load_tokenizer, prepare_corpus
 from .files import read_json_file
+from .generate import fraction_thresholds
+from .model.dial import DEFAULT_RULE
 from .runtime import resolve_device
 
 log = logging.getLogger("mixdepth")
 
 
 @torch.no_grad()
-def token_losses(model, x: torch.Tensor, y: torch.Tensor, mode: str, thresholds=None) -> tuple[torch.Tensor, Any]:
+def token_losses(model, x: torch.Tensor, y: torch.Tensor, mode: str, thresholds=None,
+                 hold: float | None = None) -> tuple[torch.Tensor, Any]:
     """Per-token cross-entropy (B, T) of `model` on `x` against `y` in `mode` (with causal
-    `thresholds` overriding the calibrated ones), and the model output."""
-    out = model(x, y, mode=mode, thresholds=thresholds)
+    `thresholds` overriding the calibrated ones, or each row held at routed fraction `hold` by
+    the `hold` rule), and the model output."""
+    dial = model.make_dial(x.shape[0], hold) if hold is not None and mode == "causal" else None
+    out = model(x, y, mode=mode, thresholds=thresholds, dial=dial)
     logits = out.logits.float()  # (B, T, V)
     losses = F.cross_entropy(logits.transpose(1, 2), y, reduction="none")  # (B, T)
     return losses, out
@@ -45,7 +50,7 @@ def _mean_lists(rows: list[list[float]]) -> list[float]:
 @torch.no_grad()
 def run_eval(checkpoint: str | Path, *, data: str | None = None, batches: int = 20, seq_len: int | None = None,
              batch_size: int = 8, device: str = "auto", cache_dir: str | None = None,
-             fraction: float | None = None) -> dict[str, Any]:
+             fraction: float | None = None, fraction_rule: str | None = None) -> dict[str, Any]:
     """Evaluate a checkpoint on fixed validation windows in `topk` and `causal` modes.
 
     Args:
@@ -56,8 +61,9 @@ def run_eval(checkpoint: str | Path, *, data: str | None = None, batches: int = 
         batch_size: windows per batch.
         device: where to run: "auto" (cuda if available), "cpu", "cuda" or "cuda:N".
         cache_dir: cache of corpora and token files.
-        fraction: routed fraction of the causal mode, from the calibration table (the compute dial;
-            default: the calibrated threshold).
+        fraction: routed fraction of the causal mode (the compute dial; default: the calibrated
+            threshold), reached by `fraction_rule` (`generate.fraction_thresholds`: `hold` keeps each
+            window at it, `threshold` takes the calibration table's threshold).
 
     Returns:
         dict with `loss_topk`, `ppl_topk`, `loss_causal`, `ppl_causal`, `causal_gap`
@@ -90,7 +96,8 @@ def run_eval(checkpoint: str | Path, *, data: str | None = None, batches: int = 
     if fraction is not None and not causal_ok:
         raise ValueError(f"--fraction sets the causal operating point, and {cfg.routing.router} routing "
                          "has no causal rule")
-    thresholds = model.causal_thresholds(fraction) if fraction is not None else None
+    thresholds, hold = fraction_thresholds(model, fraction, fraction_rule)
+    held = fraction if hold else None
     sums = {"topk": 0.0, "causal": 0.0}
     frac = {"topk": [], "causal": []}
     acc: list[list[float]] = []
@@ -102,7 +109,7 @@ def run_eval(checkpoint: str | Path, *, data: str | None = None, batches: int = 
             x, y = tokens.batch_at("val", starts[b * batch_size:(b + 1) * batch_size], T, device)
             modes = ("topk", "causal") if causal_ok else ("topk",)
             for mode in modes:
-                losses, out = token_losses(model, x, y, mode, thresholds if mode == "causal" else None)
+                losses, out = token_losses(model, x, y, mode, thresholds if mode == "causal" else None, held)
                 sums[mode] += float(losses.sum())
                 if out.routed_frac is not None:
                     frac[mode].append(out.routed_frac.tolist())
@@ -122,6 +129,7 @@ def run_eval(checkpoint: str | Path, *, data: str | None = None, batches: int = 
         "router": cfg.routing.router if cfg.routed_layer_ids else "none",
         "capacity": cfg.routing.capacity,
         "fraction": fraction,
+        "fraction_rule": (fraction_rule or DEFAULT_RULE) if fraction is not None else None,
         "loss_topk": loss_topk,
         "ppl_topk": math.exp(loss_topk),
         "loss_causal": loss_causal,
@@ -142,7 +150,8 @@ def format_report(r: dict[str, Any]) -> str:
     def fl(xs: list[float]) -> str:
         return " ".join(f"{v:.3f}" for v in xs) if xs else "-"
 
-    dial = f", causal at --fraction {r['fraction']}" if r.get("fraction") is not None else ""
+    dial = (f", causal at --fraction {r['fraction']} ({r.get('fraction_rule')})" if r.get("fraction") is not None
+            else "")
     lines = [f"checkpoint {r['checkpoint']}: router {r['router']}, capacity {r['capacity']}{dial}, "
              f"routed layers {r['routed_layers']}, {r['tokens']:,} validation tokens",
              f"{'mode':<8}{'loss':>9}{'ppl':>10}  routed fraction per routed layer"]

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .kvcache import KVCache, StaticCache
+from .model.dial import DEFAULT_RULE, RULES
 from .static import StaticDecoder
 
 log = logging.getLogger("mixdepth")
@@ -178,8 +179,32 @@ def _host_long(x) -> torch.Tensor:
 
 # ---- the routed fraction ------------------------------------------------------------------------
 def is_uncalibrated(model) -> bool:
-    """Whether some routed layer has no calibration table (e.g. a freshly converted model)."""
-    return any(bool(torch.isnan(layer.threshold_table).any()) for layer in model.routed_layers)
+    """Whether some routed layer has no calibration table (e.g. a freshly converted model): its
+    tokens all enter the block unless a fraction is held by the `hold` rule (`MoDBlock.reset_calibration`)."""
+    return not model.calibrated
+
+
+def fraction_thresholds(model, fraction: float | None, rule: str | None) -> tuple[dict | None, bool]:
+    """How a generation reaches an asked routed fraction: (per-call thresholds or None, hold).
+
+    `rule` `hold` (default: `dial.DEFAULT_RULE`) keeps each row at `fraction` with the causal rule of
+    `mixdepth.model.dial` (no calibration needed); `threshold` takes the calibration table's
+    threshold for it. No fraction: the calibrated thresholds (every token, uncalibrated).
+    """
+    rule = DEFAULT_RULE if rule is None else rule
+    if rule not in RULES:
+        raise ValueError(f"fraction_rule must be one of {RULES}, got {rule!r}")
+    if fraction is None:
+        return None, False
+    if not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1:
+        raise ValueError(f"fraction must be in [0, 1], got {fraction}")
+    if rule == "hold" and model.routed_layers:
+        return None, True
+    if fraction not in (0, 1) and is_uncalibrated(model):
+        raise ValueError("cannot set the routed fraction by threshold: the model was never calibrated "
+                         "(run model.calibrate_causal on held-out text and save the checkpoint, or hold the "
+                         "fraction with fraction_rule='hold')")
+    return model.causal_thresholds(fraction), False
 
 
 # ---- the generation loop ------------------------------------------------------------------------
@@ -307,6 +332,7 @@ def generate(
     generator: torch.Generator | None = None,
     stop: Sequence[int | Sequence[int]] | None = None,
     fraction: float | None = None,
+    fraction_rule: str | None = None,
     chunk_size: int | None = 512,
     compile: bool = False,
     decoder=None,
@@ -328,10 +354,12 @@ def generate(
         seed: seeds a new `torch.Generator` on the model's device (ignored if `generator` given).
         generator: the random source of sampling.
         stop: stop token ids, or sequences of ids; a row ends when its new tokens end with one.
-        fraction: routed fraction of tokens at generation time: causal thresholds from the
-            calibration table (`model.causal_thresholds`) for this generation only; the model's
-            calibrated thresholds are never changed. 0 and 1 need no calibration: at 1 every token
-            enters every block (the dense function).
+        fraction: routed fraction of tokens at generation time, for this generation only (the
+            model's calibrated thresholds are never changed); None: the calibrated thresholds (every
+            token enters every block in a model never calibrated).
+        fraction_rule: how `fraction` is reached (`fraction_thresholds`): `hold` keeps each row's
+            routed fraction at it on any text (`mixdepth.model.dial`), `threshold` takes the
+            calibration table's threshold for it (what routes `fraction` of the calibration text).
         chunk_size: prompt tokens per prefill forward call (None: all at once).
         compile: decode with static-shape steps (`mixdepth.static`), captured as CUDA graphs on a
             GPU or compiled on a CPU; the tokens and routing are those of the eager steps, the logits
@@ -368,14 +396,10 @@ def generate(
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     stops = _normalize_stop(stop, cfg.vocab_size)
-    thresholds = None
-    if fraction is not None:
-        if not 0 <= fraction <= 1:
-            raise ValueError(f"fraction must be in [0, 1], got {fraction}")
-        if fraction not in (0, 1) and is_uncalibrated(model):
-            raise ValueError("cannot set the routed fraction: the model was never calibrated "
-                             "(run model.calibrate_causal on held-out text and save the checkpoint)")
-        thresholds = model.causal_thresholds(fraction)  # for this generation only
+    thresholds, hold = fraction_thresholds(model, fraction, fraction_rule)
+    if hold and (compile or decoder is not None):
+        raise ValueError("static decode steps (compile) decide by thresholds: pass fraction_rule='threshold' "
+                         "with a fraction, or decode eagerly")
     if decoder is None and compile:
         decoder = StaticDecoder(model, compile=True)
     if decoder is not None and decoder.model is not model:
@@ -386,7 +410,7 @@ def generate(
         generator.manual_seed(seed if seed is not None else int(torch.randint(2**62, ()).item()))
 
     def run(stream: Generation) -> Iterator[torch.Tensor]:
-        stream.result = yield from _loop(model, prompts, stream, max_new_tokens, stops, fraction, thresholds,
+        stream.result = yield from _loop(model, prompts, stream, max_new_tokens, stops, fraction, thresholds, hold,
                                          chunk_size, dict(temperature=temperature, top_k=top_k, top_p=top_p,
                                                           generator=generator), decoder)
         return stream.result
@@ -394,7 +418,7 @@ def generate(
     return Generation(run)
 
 
-def _loop(model, prompts, stream, max_new_tokens, stops, fraction, thresholds, chunk_size, sampling, decoder):
+def _loop(model, prompts, stream, max_new_tokens, stops, fraction, thresholds, hold, chunk_size, sampling, decoder):
     cfg = model.cfg
     device = model.embed_tokens.weight.device
     B = len(prompts)
@@ -405,6 +429,8 @@ def _loop(model, prompts, stream, max_new_tokens, stops, fraction, thresholds, c
     limits = [min(max_new_tokens, cfg.max_seq_len - n) for n in lens.tolist()]
     cache_len = max(n + m for n, m in zip(lens.tolist(), limits))
     cache = stream.cache = model.make_cache(B, max_seq_len=cache_len, routed_fraction=fraction)
+    if hold:
+        cache.set_fraction(None, fraction)
     T = int(lens.max())
     tokens = torch.zeros(B, T, dtype=torch.long)
     for b, p in enumerate(prompts):

@@ -196,8 +196,10 @@ class KVCache(_Accounting):
         dtype: torch.dtype,
         device,
         routed_fraction: float | None = None,
+        dial=None,
     ):
         self.cfg, self.batch_size, self.max_seq_len = cfg, batch_size, max_seq_len
+        self.dial = dial  # per-row held routed fractions (`mixdepth.model.dial.Dial`), from make_cache
         frac = cfg.routing.capacity if routed_fraction is None else routed_fraction
         routed = set(cfg.kv_routed_layer_ids)
         routed_slots = min(max_seq_len, math.ceil(max_seq_len * min(1.0, frac * 1.25)) + 16)
@@ -214,10 +216,57 @@ class KVCache(_Accounting):
         self._valid: torch.Tensor | None = None
 
     def reset(self) -> None:
+        """Empty every row (the dial's fractions are kept, their states restart)."""
         for layer in self.layers:
             layer.reset()
         self.seq_lengths.zero_()
         self.last_ids.fill_(-1)
+        if self.dial is not None:
+            fractions = self.dial.fraction.copy()
+            for b in range(self.batch_size):
+                self.dial.reset_row(b)
+            self.dial.fraction[:] = fractions
+
+    # ---- rows, for a server's pool of rows (continuous batching) ----------------------------
+    def set_fraction(self, row: int | None, fraction: float | None) -> None:
+        """Hold row `row` (None: every row) at routed fraction `fraction` by the `hold` rule
+        (`mixdepth.model.dial`); None: the row decides by the threshold again."""
+        if self.dial is None:
+            raise ValueError("this cache has no dial: make it with model.make_cache")
+        self.dial.set_fraction(row, fraction)
+
+    def reset_row(self, b: int) -> None:
+        """Empty row b for a new sequence (its dial off); the other rows are untouched."""
+        for layer in self.layers:
+            layer.lengths[b] = 0
+            if layer.positions is not None:
+                layer.positions[b] = -1
+        self.seq_lengths[b] = 0
+        self.last_ids[b] = -1
+        if self.dial is not None:
+            self.dial.reset_row(b)
+
+    def copy_row_from(self, src: KVCache, src_row: int, dst_row: int) -> None:
+        """Make row `dst_row` hold what row `src_row` of `src` holds (keys, values, fill lengths, last
+        token, dial state), e.g. a prompt prefilled in a cache of its own joining a running batch."""
+        if src.cfg is not self.cfg and src.cfg != self.cfg:
+            raise ValueError("the source cache belongs to another model")
+        n = int(src.seq_lengths[src_row])
+        if n > self.max_seq_len:
+            raise ValueError(f"row of {n} tokens exceeds the cache's max_seq_len ({self.max_seq_len})")
+        for dst, s in zip(self.layers, src.layers):
+            m = int(s.lengths[src_row])
+            dst.ensure(m)
+            dst.k[dst_row, :, :m] = s.k[src_row, :, :m]
+            dst.v[dst_row, :, :m] = s.v[src_row, :, :m]
+            if dst.positions is not None:
+                dst.positions[dst_row] = -1
+                dst.positions[dst_row, :m] = s.positions[src_row, :m]
+            dst.lengths[dst_row] = m
+        self.seq_lengths[dst_row] = n
+        self.last_ids[dst_row] = src.last_ids[src_row].to(self.last_ids.device)
+        if self.dial is not None and src.dial is not None:
+            self.dial.copy_row(src.dial, src_row, dst_row)
 
     def fill_state(self) -> list[torch.Tensor]:
         """The fill lengths of every layer and row (host tensors), for `restore_fill`."""

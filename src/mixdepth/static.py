@@ -206,6 +206,9 @@ class StaticDecoder:
         with a margin); the buffers grow between steps if a row routes more.
         """
         cfg = self.model.cfg
+        if cache.dial is not None and cache.dial.active:
+            raise ValueError("static decode steps decide by thresholds; rows held at a fraction by the `hold` "
+                             "rule decode eagerly (fraction_rule='threshold' to decode them statically)")
         B = bucket(cache.batch_size)
         frac = cfg.routing.capacity if fraction is None else fraction
         if headroom is None:

@@ -351,7 +351,8 @@ def decode_speed(model: MoDTransformer, prompts: list[list[int]], new_tokens: in
     """Decode tokens/s of one greedy generation (all rows)."""
     from .generate import generate
 
-    return generate(model, prompts, max_new_tokens=new_tokens, fraction=fraction).run().decode_tokens_per_s
+    res = generate(model, prompts, max_new_tokens=new_tokens, fraction=fraction, fraction_rule="threshold").run()
+    return res.decode_tokens_per_s
 
 
 @dataclass
@@ -602,7 +603,8 @@ def chat_answers(source: MoDTransformer, model: MoDTransformer, tokenizer, fract
     for prompt, p in zip(prompts, ids):
         row = {"prompt": prompt}
         for name, m, f in (("source", source, None), ("tuned", model, fraction)):
-            res = generate(m, [p], max_new_tokens=new_tokens, fraction=f, stop=stop or None).run()
+            res = generate(m, [p], max_new_tokens=new_tokens, fraction=f, fraction_rule="threshold",
+                           stop=stop or None).run()
             toks = [t for t in res.tokens[0] if t not in stop]
             fr = res.decode_routed_fraction
             row[name] = {"text": tokenizer.decode(toks).strip(), "tok_s": res.tokens_per_s,

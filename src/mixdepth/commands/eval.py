@@ -9,6 +9,7 @@ from pathlib import Path
 from ..checkpoint import resolve_checkpoint
 from ..evaluate import format_report, run_eval
 from ..flags import add_device_args, positive_int
+from ..model.dial import DEFAULT_RULE, RULES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,8 +19,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="windows per batch (default: 8)")
     parser.add_argument("--seq-len", type=positive_int, default=None, help="tokens per window (default: training's)")
     parser.add_argument("--fraction", type=float, default=None,
-                        help="routed fraction of the causal mode, from the calibration table (default: the "
-                             "calibrated one)")
+                        help="routed fraction of the causal mode (default: the calibrated threshold's)")
+    parser.add_argument("--fraction-rule", choices=RULES, default=None,
+                        help=f"how --fraction is reached: hold (each window held at it, on any text) or threshold "
+                             f"(the calibration table's threshold for it); default {DEFAULT_RULE}")
     add_device_args(parser, dtype=False)
     parser.add_argument("--json", default=None, metavar="FILE", help="also write the result as JSON")
 
@@ -27,7 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     resolve_checkpoint(args.checkpoint)  # a missing path fails here, before any data work
     r = run_eval(args.checkpoint, data=args.data, batches=args.batches, seq_len=args.seq_len,
-                 batch_size=args.batch_size, device=args.device, fraction=args.fraction)
+                 batch_size=args.batch_size, device=args.device, fraction=args.fraction,
+                 fraction_rule=args.fraction_rule)
     print(format_report(r))
     if args.json:
         Path(args.json).write_text(json.dumps(r, indent=1) + "\n")

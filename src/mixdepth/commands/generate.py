@@ -13,6 +13,7 @@ from ..checkpoint import load_checkpoint_tokenizer, load_model, resolve_checkpoi
 from ..data import read_prompts
 from ..flags import add_device_args
 from ..generate import encode_prompts, format_stats, generate_text, is_uncalibrated
+from ..model.dial import DEFAULT_RULE, RULES
 from ..plots import routing_maps_from_generation
 from ..runtime import resolve_device
 
@@ -31,7 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="stop a row once its text contains TEXT (repeatable; '\\n' means a newline)")
     parser.add_argument("--fraction", type=float, default=None,
                         help="fraction of tokens routed through each routed block (default: the calibrated one; "
-                             "1 for a model never calibrated, e.g. freshly converted)")
+                             "every token for a model never calibrated, e.g. freshly converted)")
+    parser.add_argument("--fraction-rule", choices=RULES, default=None,
+                        help=f"how --fraction is reached: hold (each row held at it, on any text) or threshold "
+                             f"(the calibration table's threshold for it); default {DEFAULT_RULE}")
     parser.add_argument("--chat", action="store_true",
                         help="wrap each prompt as a user message in the tokenizer's chat template (a converted "
                              "model's Hugging Face tokenizer) and stop at its end-of-turn token")
@@ -60,12 +64,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--chat needs a tokenizer with a chat template; the checkpoint's {tokenizer.kind} "
                          "tokenizer has none")
     fraction = args.fraction
-    if fraction is None and model.can_decode_causally and is_uncalibrated(model):
-        # no causal thresholds yet: at fraction 1 every token enters every block, which keeps a
-        # converted model's pretrained (dense) function
-        fraction = 1.0
-        print("note: the routed layers were never calibrated; generating at --fraction 1 (every token enters "
-              "every block)", file=sys.stderr)
+    if fraction is None and model.routed_layers and model.can_decode_causally and is_uncalibrated(model):
+        print("note: the routed layers were never calibrated: every token enters every block (pass --fraction "
+              "to hold a routed fraction)", file=sys.stderr)
     stops = [s.replace("\\n", "\n") for s in args.stop or []]
     single = len(prompts) == 1
     sep = "\n" if args.chat else ""  # a chat reply is a new turn, not a continuation of the prompt
@@ -75,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
         model, tokenizer, prompts, stop_strings=stops, chat=args.chat,
         on_text=(lambda b, piece: print(piece, end="", flush=True)) if single else None,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        seed=args.seed, fraction=fraction, chunk_size=args.chunk_size, compile=args.compile,
+        seed=args.seed, fraction=fraction, fraction_rule=args.fraction_rule,
+        chunk_size=args.chunk_size, compile=args.compile,
     )
     if single:
         print()

@@ -28,6 +28,7 @@ Dimensions: B batch, T tokens, K gathered tokens, D model width, N rows that run
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ..config import ModelConfig
@@ -90,9 +91,26 @@ class MoDBlock(Block):
         self.reset_calibration()
 
     def reset_calibration(self, device: str | torch.device | None = None) -> None:
-        """Uncalibrated: threshold 0 and no table (NaN), until `calibrate` sets them."""
-        self.register_buffer("causal_threshold", torch.zeros((), device=device))
+        """Uncalibrated: no table (NaN) and threshold -inf, until `calibrate` sets them.
+
+        A layer never calibrated (a fresh conversion, a model before its first causal evaluation)
+        lets every token through in causal mode: the block's dense function, the one operating
+        point that needs no data. This is the library's one decision for uncalibrated routers, so
+        every entry point (forward, `generate`, the CLI, the transformers model, the server) shares it.
+        """
+        self.register_buffer("causal_threshold", torch.full((), float("-inf"), device=device))
         self.register_buffer("threshold_table", torch.full((N_FRACTIONS,), float("nan"), device=device))
+
+    @property
+    def calibrated(self) -> bool:
+        return not bool(torch.isnan(self.threshold_table).any())
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        # checkpoints saved before the rule above hold threshold 0 beside an empty table
+        table = state_dict.get(prefix + "threshold_table")
+        if table is not None and not table.is_meta and bool(torch.isnan(table).any()):
+            self.causal_threshold.fill_(float("-inf"))
 
     # ---- the causal operating point --------------------------------------------------------------
     def calibrate(self, scores: torch.Tensor, fraction: float) -> float:
@@ -137,7 +155,7 @@ class MoDBlock(Block):
 
     # ---- forward ------------------------------------------------------------------------------
     def forward(self, x, rope, position_ids, *, mode="topk", cache=None, valid=None, want_scores=False,
-                threshold=None, calibrate=None, relax=None, prev_ids=None):
+                threshold=None, calibrate=None, relax=None, prev_ids=None, dial=None):
         """Returns (x', info). info holds `chosen` (B, T), `losses` (name -> tensor) and statistics.
 
         `threshold` overrides the calibrated causal threshold for this call (a per-call routed
@@ -145,7 +163,8 @@ class MoDBlock(Block):
         fraction, causal mode): the layer then first calibrates itself on this call's scores.
         `relax` (a fraction, dense mode) trains routers of a frozen model: see `_forward_relaxed`.
         `prev_ids` (B, T): the token before each token (-1 before the first), for routers that read
-        token ids (`Router.needs_ids`).
+        token ids (`Router.needs_ids`). `dial` (a `mixdepth.model.dial.Dial`, causal mode): its rows
+        with a fraction are decided by the `hold` rule instead of the threshold.
 
         With `routing.unit` `mlp`, every token runs attention (and is cached) first, and the router
         then decides who runs the MLP; with `attn`, the router decides who runs attention, and every
@@ -160,7 +179,8 @@ class MoDBlock(Block):
         if relax is not None:
             out, info = self._forward_relaxed(x, pos, rope, relax, valid)
         else:
-            out, info = self._route(x, pos, rope, mode, cache, valid, want_scores, threshold, calibrate, prev_ids)
+            out, info = self._route(x, pos, rope, mode, cache, valid, want_scores, threshold, calibrate, prev_ids,
+                                    dial)
         if self.rc.unit == "attn":
             out = out + self.mlp(self.post_attention_layernorm(out))
         return out, info
@@ -218,7 +238,7 @@ class MoDBlock(Block):
             frac = chosen.sum() / valid.sum().clamp(min=1)
         return out, {"losses": losses, "chosen": chosen, "frac": frac}
 
-    def _route(self, x, pos, rope, mode, cache, valid, want_scores, threshold, calibrate, prev_ids=None):
+    def _route(self, x, pos, rope, mode, cache, valid, want_scores, threshold, calibrate, prev_ids=None, dial=None):
         B, T, D = x.shape
         r = self.router(x, prev_ids) if self.router.needs_ids else self.router(x)  # (B, T) fp32
         info: dict = {"losses": {}}
@@ -237,7 +257,7 @@ class MoDBlock(Block):
             score = self.router.causal_score(x, r)
             self.calibrate(score if valid is None else score[valid], calibrate)
         t = self.causal_threshold if threshold is None else threshold
-        return self._forward_causal(x, rope, pos, r, info, cache, valid, want_scores, t)
+        return self._forward_causal(x, rope, pos, r, info, cache, valid, want_scores, t, dial)
 
     def _forward_topk(self, x, rope, pos, r, info, want_scores):
         k = self.rc.k(x.shape[1])
@@ -265,10 +285,14 @@ class MoDBlock(Block):
         idx, valid = self.router.select(r, k)
         return torch.zeros_like(r, dtype=torch.bool).scatter(1, idx, True if valid is None else valid)
 
-    def _forward_causal(self, x, rope, pos, r, info, cache, valid, want_scores, threshold):
+    def _forward_causal(self, x, rope, pos, r, info, cache, valid, want_scores, threshold, dial=None):
         B, T, _ = x.shape
         score = self.router.causal_score(x, r)  # (B, T)
         chosen = score > threshold
+        if dial is not None and dial.active:  # rows with a held fraction: the `hold` rule decides
+            held = dial.layers[self.layer_id].decide(score, dial.fraction, valid)
+            use = torch.from_numpy(~np.isnan(dial.fraction)).to(x.device)
+            chosen = torch.where(use[:, None], held, chosen)
         if valid is not None:
             chosen = chosen & valid
         info["chosen"] = chosen

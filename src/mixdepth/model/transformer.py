@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from ..config import MODES, ModelConfig
 from ..kvcache import KVCache
+from .dial import Dial
 from .layers import Block, Linear, RMSNorm, RotaryEmbedding
 from .mod import N_FRACTIONS, MoDBlock
 from .moe import MoE
@@ -136,7 +137,21 @@ class MoDTransformer(nn.Module):
         """
         p = self.embed_tokens.weight
         return KVCache(self.cfg, batch_size, max_seq_len or self.cfg.max_seq_len, dtype or p.dtype,
-                       device or p.device, routed_fraction)
+                       device or p.device, routed_fraction, dial=self.make_dial(batch_size))
+
+    def make_dial(self, batch_size: int, fraction: float | None = None) -> Dial:
+        """Per-row routed fractions held by the `hold` rule (`mixdepth.model.dial`), every row at
+        `fraction` (None: no row uses it until `Dial.set_fraction`). A `KVCache` keeps one
+        (`KVCache.set_fraction`); pass one to `forward(dial=...)` to use it without a cache."""
+        dial = Dial.for_model(self, batch_size)
+        if fraction is not None:
+            dial.set_fraction(None, fraction)
+        return dial
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether every routed layer has a calibration table (uncalibrated layers route every token)."""
+        return all(layer.calibrated for layer in self.routed_layers)
 
     def causal_thresholds(self, fraction: float) -> dict[int, torch.Tensor]:
         """Per routed layer, the causal threshold that routes `fraction` of the calibration tokens.
@@ -162,6 +177,7 @@ class MoDTransformer(nn.Module):
         return_scores: bool = False,
         calibrate: float | None = None,
         relax: float | None = None,
+        dial: Dial | None = None,
     ) -> ModelOutput:
         """Run the model.
 
@@ -185,6 +201,9 @@ class MoDTransformer(nn.Module):
             relax: router training of a frozen model (`mixdepth tune`), no cache: every token runs
                 each routed unit, kept where its causal score is in the top `relax` fraction of the
                 call's tokens, by a hard gate with a sigmoid's gradient (`MoDBlock._forward_relaxed`).
+            dial: causal mode without a cache: rows held at a routed fraction by the `hold` rule
+                (`make_dial`; a cache brings its own, `KVCache.set_fraction`). It is advanced by the
+                call, so a fresh one per sequence.
         """
         cfg = self.cfg
         mode = mode or cfg.routing.mode
@@ -194,6 +213,8 @@ class MoDTransformer(nn.Module):
             raise ValueError("calibrate runs in causal mode without a cache, threshold overrides or relax")
         if calibrate is not None and not 0 <= calibrate <= 1:
             raise ValueError(f"calibrate is a routed fraction in [0, 1], got {calibrate}")
+        if dial is not None and (cache is not None or mode != "causal"):
+            raise ValueError("dial holds routed fractions in causal mode without a cache (a cache has its own)")
         if relax is not None and (cache is not None or not 0 <= relax <= 1):
             raise ValueError(f"relax is a routed fraction in [0, 1] for a forward without a cache, got {relax}")
         if input_ids.dim() != 2:
@@ -230,6 +251,7 @@ class MoDTransformer(nn.Module):
                 raise ValueError(f"sequence of {end} tokens exceeds the cache's max_seq_len ({cache.max_seq_len})")
             position_ids = input_pos.to(dev)[:, None] + torch.arange(T, device=dev)  # (B, T)
             cache.begin(valid_lengths if valid_lengths is not None else torch.full((B,), T))
+            dial = cache.dial
         else:
             if T > cfg.max_seq_len:
                 window = ", the source model's sliding window" if cfg.sliding_window else ""
@@ -245,7 +267,7 @@ class MoDTransformer(nn.Module):
             if layer.routed:
                 x, info = layer(x, self.rope, position_ids, mode=mode, cache=cache, valid=valid,
                                 want_scores=return_scores, calibrate=calibrate, relax=relax, prev_ids=prev_ids,
-                                threshold=thresholds.get(layer.layer_id) if thresholds else None)
+                                threshold=thresholds.get(layer.layer_id) if thresholds else None, dial=dial)
                 infos.append((layer.layer_id, info))
             else:
                 x, _ = layer(x, self.rope, position_ids, cache=cache)
