@@ -34,6 +34,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
               "isoFLOP sweep: variants x sizes x budgets x seeds, resumable, -j N; table and the paper's plots"),
     "study": ("mixdepth.commands.study",
               "routing study: learned vs random, frozen and rule routing at equal FLOPs, paired seeds"),
+    "serve": ("mixdepth.commands.serve",
+              "serve a checkpoint behind the OpenAI API: continuous batching, streaming, metrics, a page"),
 }
 
 
