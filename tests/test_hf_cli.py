@@ -439,8 +439,8 @@ def test_convert_train_generate_export_hf_end_to_end(capfd, tmp_path, hf_llama):
         kv = re.search(r"^KV cache: .*\(([\d.]+)x\)$", out, re.M)
         assert kv and float(kv.group(1)) < 1.0, out
 
-    # 4. export: transformers loads the dense function, from_hf gives back the MoD model
-    assert main(["export", str(run), "--out", str(hfdir)]) == 0
+    # 4. export --format llama: transformers loads the dense function, from_hf gives back the MoD model
+    assert main(["export", str(run), "--out", str(hfdir), "--format", "llama"]) == 0
     assert str(hfdir) in capfd.readouterr().out
     for name in ("config.json", "model.safetensors", "mixdepth_routing.safetensors", "mixdepth.json",
                  "tokenizer.json", "tokenizer_config.json"):

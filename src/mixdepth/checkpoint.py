@@ -226,11 +226,26 @@ def verify_checkpoint(path: str | Path) -> Path:
     return ckpt
 
 
+TRANSFORMERS_MODEL_TYPE = "mixdepth"
+"""config.json's `model_type` in a folder exported for transformers (`mixdepth export`, `mixdepth.hf`):
+our config is its `mixdepth` entry and the weights are ours under `model.`."""
+
+
+def _config_data(cpath: Path) -> tuple[dict, bool]:
+    """config.json's model config, and whether the folder is a transformers export."""
+    data = read_json_file(cpath, "checkpoint file")
+    if isinstance(data, dict) and data.get("model_type") == TRANSFORMERS_MODEL_TYPE:
+        if not isinstance(data.get("mixdepth"), dict):
+            raise ValueError(f"{cpath} has model_type {TRANSFORMERS_MODEL_TYPE!r} but no `mixdepth` model config")
+        return data["mixdepth"], True
+    return data, False
+
+
 def load_config(path: str | Path) -> ModelConfig:
-    """The `ModelConfig` of a checkpoint (folder or run folder)."""
+    """The `ModelConfig` of a checkpoint (folder or run folder, or a folder exported for transformers)."""
     ckpt = resolve_checkpoint(path)
     cpath = ckpt / "config.json"
-    data = read_json_file(cpath, "checkpoint file")
+    data, _ = _config_data(cpath)
     try:
         return ModelConfig.from_dict(data)
     except (ValueError, TypeError) as e:
@@ -240,6 +255,8 @@ def load_config(path: str | Path) -> ModelConfig:
 def _load_weights(model: torch.nn.Module, ckpt: Path) -> None:
     fpath = ckpt / "model.safetensors"
     tensors, _ = _load_safetensors(fpath)
+    if (ckpt / "config.json").exists() and _config_data(ckpt / "config.json")[1]:  # MixdepthForCausalLM's names
+        tensors = {k.removeprefix("model."): v for k, v in tensors.items()}
     cfg = model.cfg
     expected = set(model.state_dict())
     if cfg.tie_embeddings:

@@ -1,30 +1,22 @@
-"""Hugging Face models in and out: Llama, Mistral, Qwen2/2.5 and Qwen3, from a folder or a GGUF file.
+"""Reading Hugging Face models into mixdepth: a local folder or a GGUF file -> a `MoDTransformer`.
 
 A state-dict adapter plus a config mapper (torchtitan's `state_dict_adapter`): our module names
 are Hugging Face's Llama names without the `model.` prefix, so the weights map one to one.
-- `config_from_hf(hf_config, routing)`: the `ModelConfig` of a transformers config (old keys
-  `rope_theta`/`rope_scaling` and transformers 5's `rope_parameters` both read, through
-  transformers itself), with routers inserted as `routing` says.
 - `load_hf(src, routing)`: the model (and tokenizer) of a local folder (`config.json`,
   `model.safetensors` or a sharded index, tokenizer files) or a GGUF file. The model is built on
   the meta device and the weights are assigned, shard by shard, so memory holds one copy.
-- `from_hf(model_or_folder, routing)` / `to_hf(model, folder)`: the Python API. An exported folder
-  loads with `AutoModelForCausalLM.from_pretrained` and computes the dense-mode model; routers,
-  predictors and calibration go beside it (`mixdepth_routing.safetensors` + `mixdepth.json`), so
-  `from_hf` of an exported folder gives back the same MoD model.
-- `convert(src, out)` / `export(ckpt, out)`: the commands' work, written to a temporary folder
-  and renamed into place, so a failure leaves nothing half-written.
+- `from_hf(model_or_folder, routing)`: the Python API.
+- `convert(src, out)`: the command's work, written to a temporary folder and renamed into place,
+  so a failure leaves nothing half-written.
+- `load_reference` / `verify`: the source as transformers loads it, and a parity check against it.
 
 The gate of a converted model defaults to `straight_through` (value 1, router gradient): in dense
-mode, or at capacity 1, the converted model computes exactly what its source does. transformers
-(`mixdepth[hf]`) is imported only here, and only when one of these functions runs.
+mode, or at capacity 1, the converted model computes exactly what its source does.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -34,158 +26,19 @@ from typing import Any
 
 import torch
 
-from .config import FAMILIES, ModelConfig, RoutingConfig
-from .files import fsync_dir, fsync_file, read_json_file
+from ..config import ModelConfig, RoutingConfig
+from ..files import read_json_file
+from .families import (
+    ROUTING_CONFIG,
+    ROUTING_FILE,
+    SUPPORTED,
+    _is_routing_key,
+    _transformers,
+    config_from_hf,
+)
+from .publish import _fresh_out, _publish, _remove_new_parents
 
 log = logging.getLogger("mixdepth")
-
-SUPPORTED = FAMILIES
-HF_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-              "qwen3": "Qwen3ForCausalLM"}
-CONVERT_ROUTING = {"gate": "straight_through"}
-"""Routing defaults of a converted model, over `RoutingConfig`'s: a gate of value 1 keeps the
-pretrained function (the block output is not halved by sigmoid(0))."""
-ROUTING_FILE = "mixdepth_routing.safetensors"
-ROUTING_CONFIG = "mixdepth.json"
-_ROUTING_KEYS = ("router.", "predictor.", "causal_threshold", "threshold_table")
-
-
-def _transformers():
-    try:
-        import transformers
-    except ImportError:
-        raise ValueError("Hugging Face conversion needs transformers: pip install 'mixdepth[hf]'") from None
-    return transformers
-
-
-# ---- config ---------------------------------------------------------------------------------------
-def _rope(hf: Any) -> tuple[float, dict | None]:
-    """(theta, scaling) from a transformers config: `rope_parameters` (v5) or `rope_theta` + `rope_scaling`."""
-    params = getattr(hf, "rope_parameters", None)
-    if isinstance(params, dict) and "full_attention" in params:  # per-layer-type parameters
-        params = params["full_attention"]
-    if not isinstance(params, dict) or "rope_theta" not in params:
-        params = dict(getattr(hf, "rope_scaling", None) or {}, rope_theta=getattr(hf, "rope_theta", 10000.0))
-    params = dict(params)
-    kind = params.pop("rope_type", params.pop("type", "default"))
-    theta = float(params.pop("rope_theta"))
-    if params.get("partial_rotary_factor", 1.0) != 1.0:
-        raise ValueError(f"partial rotary embeddings (partial_rotary_factor {params['partial_rotary_factor']}) "
-                         "are not supported")
-    if kind == "default":
-        return theta, None
-    if kind == "linear":
-        return theta, {"rope_type": "linear", "factor": float(params["factor"])}
-    if kind == "llama3":
-        keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-        return theta, {"rope_type": "llama3", **{k: params[k] for k in keys}}
-    raise ValueError(f"rope scaling type {kind!r} is not supported (supported: default, linear, llama3)")
-
-
-def _sliding_window(hf: Any) -> int:
-    """The attention window the source applies (0: none)."""
-    window = getattr(hf, "sliding_window", None) or 0
-    if not window:
-        return 0
-    if hf.model_type == "mistral":
-        return int(window)
-    layer_types = getattr(hf, "layer_types", None) or []
-    if getattr(hf, "use_sliding_window", False) or "sliding_attention" in layer_types:
-        return int(window)
-    return 0
-
-
-def config_from_hf(hf: Any, routing: RoutingConfig | dict | None = None, *, max_seq_len: int | None = None
-                   ) -> ModelConfig:
-    """The `ModelConfig` of a transformers config object (or a config.json dict), with `routing`.
-
-    Args:
-        hf: a `transformers.PretrainedConfig` or the dict of a `config.json`.
-        routing: the routers to insert (default: `CONVERT_ROUTING` over `RoutingConfig`'s defaults).
-        max_seq_len: cap on the context (default: the source's `max_position_embeddings`, and its
-            sliding window when it has one).
-
-    Raises a one-line `ValueError` for an unsupported `model_type` or feature.
-    """
-    if isinstance(hf, dict):
-        kind = hf.get("model_type")
-        if kind not in SUPPORTED:
-            raise ValueError(f"model_type {kind!r} is not supported (supported: {', '.join(SUPPORTED)})")
-        hf = _transformers().AutoConfig.for_model(**hf)
-    kind = getattr(hf, "model_type", None)
-    if kind not in SUPPORTED:
-        raise ValueError(f"model_type {kind!r} is not supported (supported: {', '.join(SUPPORTED)})")
-    act = getattr(hf, "hidden_act", "silu")
-    if act != "silu":
-        raise ValueError(f"hidden_act {act!r} is not supported (the MLP is SwiGLU: silu)")
-    theta, scaling = _rope(hf)
-    window = _sliding_window(hf)
-    ctx = int(hf.max_position_embeddings)
-    if window:
-        ctx = min(ctx, window)
-    if max_seq_len:
-        ctx = min(ctx, int(max_seq_len))
-    bias = bool(getattr(hf, "attention_bias", False))
-    if routing is None or isinstance(routing, dict):
-        routing = RoutingConfig(**{**CONVERT_ROUTING, **(routing or {})})
-    return ModelConfig(
-        vocab_size=hf.vocab_size, dim=hf.hidden_size, n_layers=hf.num_hidden_layers, n_heads=hf.num_attention_heads,
-        n_kv_heads=getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads,
-        head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads,
-        ffn_dim=hf.intermediate_size, max_seq_len=ctx, rope_theta=theta, rope_scaling=scaling,
-        norm_eps=float(hf.rms_norm_eps), tie_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
-        qkv_bias=True if kind == "qwen2" else bias, o_bias=bias and kind != "qwen2",
-        mlp_bias=bool(getattr(hf, "mlp_bias", False)), qk_norm=kind == "qwen3", sliding_window=window,
-        family=kind, routing=routing,
-    )
-
-
-def _check_family(cfg: ModelConfig) -> None:
-    """Refuse an export whose architecture the family's HF class cannot hold."""
-    fam = cfg.family
-    problems = []
-    if cfg.local_window:
-        problems.append(f"a local attention window on the non-routed layers (model.local_window {cfg.local_window})")
-    if cfg.qk_norm != (fam == "qwen3"):
-        problems.append("q/k norm" if cfg.qk_norm else "no q/k norm")
-    if fam == "qwen2" and not (cfg.qkv_bias and not cfg.o_bias):
-        problems.append("q/k/v bias without o bias is required")
-    if fam in ("llama", "qwen3") and cfg.qkv_bias != cfg.o_bias:
-        problems.append("q/k/v and o biases differ")
-    if fam in ("mistral",) and (cfg.qkv_bias or cfg.o_bias):
-        problems.append("attention biases")
-    if fam != "llama" and cfg.mlp_bias:
-        problems.append("MLP biases")
-    if fam != "mistral" and fam != "qwen2" and fam != "qwen3" and cfg.sliding_window:
-        problems.append("a sliding window")
-    if problems:
-        raise ValueError(f"model.family {fam} cannot express this model ({problems[0]})")
-
-
-def hf_config_dict(cfg: ModelConfig, tokens: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The transformers config (as a dict for `AutoConfig.for_model`) of a model's dense function."""
-    _check_family(cfg)
-    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta, **(cfg.rope_scaling or {})}
-    d: dict[str, Any] = dict(
-        model_type=cfg.family, vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.ffn_dim,
-        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
-        head_dim=cfg.head_dim, max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
-        tie_word_embeddings=cfg.tie_embeddings, rope_parameters=rope, hidden_act="silu",
-    )
-    if cfg.family in ("llama", "qwen3"):
-        d["attention_bias"] = cfg.qkv_bias
-    if cfg.family == "llama":
-        d["mlp_bias"] = cfg.mlp_bias
-    if cfg.family == "mistral":
-        d["sliding_window"] = cfg.sliding_window or None
-    if cfg.family in ("qwen2", "qwen3"):
-        d["use_sliding_window"] = bool(cfg.sliding_window)
-        d["sliding_window"] = cfg.sliding_window or None
-        if cfg.sliding_window:
-            d["max_window_layers"] = 0
-    d.update({k: v for k, v in (tokens or {}).items() if v is not None})
-    return d
-
 
 # ---- weights --------------------------------------------------------------------------------------
 def state_dict_from_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -198,8 +51,6 @@ def state_dict_from_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
     return out
 
 
-def _is_routing_key(key: str) -> bool:
-    return any(part in key for part in _ROUTING_KEYS)
 
 
 def state_dict_to_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig
@@ -219,7 +70,7 @@ def state_dict_to_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig
 
 def _assign(cfg: ModelConfig, tensors: dict[str, torch.Tensor], what: str, seed: int = 0):
     """A `MoDTransformer` holding `tensors` (assigned, not copied), its new parts initialised."""
-    from .model import MoDTransformer
+    from ..model import MoDTransformer
 
     with torch.device("meta"):
         model = MoDTransformer(cfg)
@@ -441,88 +292,6 @@ def from_hf(model_or_folder: Any, routing: RoutingConfig | dict | None = None, *
     return _assign(cfg, state_dict_from_hf(sd, cfg), type(model_or_folder).__name__, seed)
 
 
-# ---- writing --------------------------------------------------------------------------------------
-def _write_hf_folder(model, folder: Path, tokenizer) -> None:
-    """The HF folder's files; `tokenizer` (an `HFTokenizer` or None) writes its own files and gives
-    the config its bos/eos/pad token ids from generation_config.json."""
-    from safetensors.torch import save_file
-
-    cfg: ModelConfig = model.cfg
-    tf = _transformers()
-    gen = tokenizer.generation_config if tokenizer is not None else {}
-    tokens = {k: gen.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
-    hf_cfg = tf.AutoConfig.for_model(**hf_config_dict(cfg, tokens))
-    hf_cfg.architectures = [HF_CLASSES[cfg.family]]
-    hf_cfg.save_pretrained(str(folder))
-    sd = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    weights, routing = state_dict_to_hf(sd, cfg)
-    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    save_file(routing, str(folder / ROUTING_FILE), metadata={"format": "pt"})
-    (folder / ROUTING_CONFIG).write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
-    if tokenizer is not None:
-        tokenizer.save(folder)
-
-
-def _fresh_out(out: str | Path) -> tuple[Path, list[Path]]:
-    """`out` checked to be new or empty, and the parent folders created for it (nearest first),
-    which `_remove_new_parents` takes away again if the command fails."""
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"--out {out} exists and is not empty; choose a new folder")
-    created = []
-    for parent in out.parents:
-        if parent.exists():
-            break
-        created.append(parent)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return out, created
-
-
-def _remove_new_parents(created: list[Path]) -> None:
-    for parent in created:  # nearest first; a folder something else was written to stays
-        try:
-            parent.rmdir()
-        except OSError:
-            break
-
-
-def _publish(tmp: Path, out: Path, *, synced: bool = False) -> None:
-    """Rename a finished temporary folder into place (fsyncing its files first unless `synced`)."""
-    if not synced:
-        for p in tmp.rglob("*"):
-            if p.is_file():
-                fsync_file(p)
-        fsync_dir(tmp)
-    if out.exists():
-        out.rmdir()  # empty (checked first)
-    os.replace(tmp, out)
-    fsync_dir(out.parent)
-
-
-def to_hf(model, folder: str | Path, tokenizer_dir: str | Path | None = None) -> Path:
-    """Write `model` as a Hugging Face folder that `AutoModelForCausalLM.from_pretrained` loads.
-
-    The HF model computes the dense-mode function; routers, predictors and calibration go to
-    `mixdepth_routing.safetensors` and the full config to `mixdepth.json`, beside it. The Hugging
-    Face tokenizer in `tokenizer_dir` (a folder with `tokenizer.json`), if given, is written too.
-    Written to a temporary folder, renamed at the end.
-    """
-    from .data import HFTokenizer
-
-    out, created = _fresh_out(folder)
-    has_tokenizer = tokenizer_dir is not None and (Path(tokenizer_dir) / "tokenizer.json").exists()
-    tokenizer = HFTokenizer.from_folder(tokenizer_dir) if has_tokenizer else None
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp"))
-    try:
-        _write_hf_folder(model, tmp, tokenizer)
-        _publish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        _remove_new_parents(created)
-        raise
-    return out
-
-
 def peak_rss_bytes() -> int:
     """This process's peak resident memory so far (Linux reports kilobytes)."""
     import resource
@@ -549,8 +318,8 @@ def convert(src: str | Path, out: str | Path, routing: RoutingConfig | dict | No
     and renamed at the end. Tokenizer files are required (`tokenizer.json`): generation, training
     and evaluation of the converted model use them.
     """
-    from .checkpoint import save_checkpoint
-    from .data import HFTokenizer
+    from ..checkpoint import save_checkpoint
+    from ..data import HFTokenizer
 
     out, created = _fresh_out(out)
     t0 = time.perf_counter()
@@ -573,16 +342,6 @@ def convert(src: str | Path, out: str | Path, routing: RoutingConfig | dict | No
     model = source.model
     return ConvertReport(out=out, cfg=model.cfg, kind=source.kind, seconds=seconds, peak_rss=peak_rss_bytes(),
                          params=model.num_params())
-
-
-def export(ckpt: str | Path, out: str | Path) -> Path:
-    """`mixdepth export`: a mixdepth checkpoint -> a Hugging Face folder (see `to_hf`)."""
-    from .checkpoint import load_model, resolve_checkpoint
-
-    path = resolve_checkpoint(ckpt)
-    model = load_model(path)
-    tok = path if (path / "tokenizer.json").exists() else None
-    return to_hf(model, out, tok)
 
 
 # ---- checking a conversion against transformers ---------------------------------------------------
@@ -609,7 +368,7 @@ def verify(model, reference, prompt_ids: list[int], new_tokens: int = 32, repeat
     `new_tokens` gives the same tokens, and the generation speed of each (tokens/s including the
     prompt's prefill, the median of `repeats` timed runs after a warm-up, the two alternated).
     """
-    from .generate import generate
+    from ..generate import generate
 
     ids = torch.tensor([prompt_ids])
     diff = float((model(ids, mode="dense").logits - reference(ids).logits).abs().max())
