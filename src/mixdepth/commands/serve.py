@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import threading
 from pathlib import Path
 
 from ..flags import add_device_args
@@ -65,12 +66,16 @@ def run(args: argparse.Namespace) -> int:
                      shutdown_timeout=args.shutdown_timeout)
 
     class Server(uvicorn.Server):
-        def handle_exit(self, sig, frame):  # SIGTERM/SIGINT: refuse new requests at once, then uvicorn's drain
-            engine.begin_shutdown()
+        def handle_exit(self, sig, frame):
+            # SIGTERM/SIGINT: refuse new requests at once; running ones get --shutdown-timeout seconds, then
+            # the engine ends them (their streams close with a last chunk and [DONE]) while uvicorn drains
+            if not self.should_exit:
+                engine.begin_shutdown()
+                threading.Thread(target=engine.shutdown, args=(args.shutdown_timeout,), daemon=True).start()
             super().handle_exit(sig, frame)
 
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
-                            timeout_graceful_shutdown=max(1, int(args.shutdown_timeout)))
+                            timeout_graceful_shutdown=int(args.shutdown_timeout) + 3)
     log.info("serving %s as '%s' on http://%s:%d (max batch %d)%s", ckpt, name, args.host, args.port,
              args.max_batch, ", API key required on /v1" if args.api_key else "")
     Server(config).run()

@@ -135,6 +135,10 @@ _NEUTRAL: dict[str, tuple] = {
 }
 
 
+_FIELD_NAMES = {name for m in (CompletionRequest, ChatRequest, ChatMessage, ContentPart, MixdepthOptions,
+                                StreamOptions) for name in m.model_fields}
+
+
 def _refuse_unsupported(body: _Sampling) -> None:
     for name, neutral in _NEUTRAL.items():
         if name in type(body).model_fields:
@@ -269,7 +273,11 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request, e: RequestValidationError):
         err = e.errors()[0] if e.errors() else {}
-        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        # the field path, without the union member tags pydantic puts in it ("prompt.str")
+        raw = list(err.get("loc", ()))
+        loc = [str(x) for x in raw if isinstance(x, int) or x in _FIELD_NAMES]
+        if err.get("type") == "extra_forbidden" and raw:  # the unknown field's own name
+            loc = [str(x) for x in raw[:-1] if isinstance(x, int) or x in _FIELD_NAMES] + [str(raw[-1])]
         param = ".".join(loc) or None
         if err.get("type") == "extra_forbidden":
             msg = f"unknown or unsupported field '{param}'"
