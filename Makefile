@@ -4,7 +4,7 @@ PY ?= python3
 VENV := .venv
 TORCH ?= torch==2.13.0
 
-.PHONY: venv test test-slow test-smollm test-compile demo lint bench clean smollm-curve sweep study
+.PHONY: venv test test-slow test-smollm test-compile test-serve demo lint bench clean smollm-curve sweep study
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -31,6 +31,11 @@ test-smollm: venv
 # the slow tests the static-decode issue names: generate/bench --compile end to end, and per-block compile
 test-compile: venv
 	$(VENV)/bin/python -m pytest -q -m slow tests/test_static.py tests/test_compile.py
+
+# the slow tests the serve issue names: SIGTERM on `mixdepth serve`, and the page in headless Chromium
+# (Debian's chromium; .ci/run installs it)
+test-serve: venv
+	$(VENV)/bin/python -m pytest -q -m slow tests/test_serve.py
 
 # issue 16's recipe on the real SmolLM2: convert, then sensitivity, router tuning and the quality/speed
 # curve against layer dropping and random routing (about 45 minutes on 2 CPU cores; running it again resumes)
