@@ -298,8 +298,13 @@ def test_hf_generate_at_fraction_one_and_zero_needs_no_calibration(routing):
     assert all(f == 1.0 for f in res.routed_fraction.values()) and res.skipped_fraction == 0
     nothing = generate(model, prompts, max_new_tokens=6, fraction=0.0).run()
     assert all(f == 0.0 for f in nothing.routed_fraction.values()) and nothing.skipped_fraction == 1
+    # no fraction asked: the library's one decision for a model never calibrated is every token
+    default = generate(model, prompts, max_new_tokens=6).run()
+    assert default.tokens == res.tokens and all(f == 1.0 for f in default.routed_fraction.values())
     with pytest.raises(ValueError, match="never calibrated"):
-        generate(model, prompts, fraction=0.5)
+        generate(model, prompts, fraction=0.5, fraction_rule="threshold")
+    held = generate(model, prompts, max_new_tokens=6, fraction=0.5).run()  # hold needs no calibration
+    assert all(0.3 < f < 0.7 for f in held.routed_fraction.values())
 
 
 # ---- the CLI --------------------------------------------------------------------------------------
@@ -316,13 +321,14 @@ def test_hf_cli_chat_on_an_uncalibrated_checkpoint_generates_at_fraction_one(cap
     code, out, err = cli(capsys, "--checkpoint", tmp_path / "hf", "--prompt", prompt, "--chat", "--temperature", 0,
                          "--max-new-tokens", 6, "--device", "cpu")
     assert code == 0, err
-    assert err.count("\n") == 1 and "never calibrated" in err and "--fraction 1" in err
+    assert err.count("\n") == 1 and "never calibrated" in err and "every token enters every block" in err
     expect, res = generate_text(model, tok, prompt, chat=True, fraction=1.0, max_new_tokens=6)
     assert out.startswith(f"{prompt}\n{expect[0]}\n---\n")
     assert "routed-layer work skipped: 0.0%" in out
 
     # an explicit --fraction is kept (and a calibrated fraction needs a calibration: one-line error)
-    code, out, err = cli(capsys, "--checkpoint", tmp_path / "hf", "--prompt", prompt, "--fraction", 0.5)
+    code, out, err = cli(capsys, "--checkpoint", tmp_path / "hf", "--prompt", prompt, "--fraction", 0.5,
+                         "--fraction-rule", "threshold")
     assert code == 2 and "never calibrated" in err and err.count("\n") == 1, err
 
 

@@ -165,3 +165,76 @@ def format_report(r: dict[str, Any]) -> str:
     if r["note"]:
         lines.append(f"note: {r['note']}")
     return "\n".join(lines)
+
+
+# ---- the rule of an asked fraction: what holding it costs ----------------------------------------
+@torch.no_grad()
+def compare_fraction_rules(checkpoint: str | Path, fractions: list[float], *, data: str | None = None,
+                           batches: int = 20, seq_len: int | None = None, batch_size: int = 8,
+                           device: str = "auto", cache_dir: str | None = None) -> dict[str, Any]:
+    """Causal loss and routed fractions at each asked fraction under both rules (`hold` and
+    `threshold`, `generate.fraction_thresholds`), on the same validation windows.
+
+    The loss difference (hold - threshold) is paired by window, with its standard error over
+    windows. A window's routed fraction is the mean over routed layers of the fraction of its
+    tokens that entered; `off` is the mean and `off_max` the largest |window fraction - asked| (how
+    well a rule holds the dial on this text).
+    """
+    device = resolve_device(device)
+    ckpt = verify_checkpoint(checkpoint)
+    trainer = read_json_file(ckpt / "trainer.json") if (ckpt / "trainer.json").exists() else {}
+    source = data or trainer.get("data")
+    if not source:
+        raise ValueError(f"checkpoint {ckpt} does not say which corpus it trained on; pass --data")
+    model = load_model(ckpt, device)
+    cfg = model.cfg
+    if not model.routed_layers or not model.can_decode_causally:
+        raise ValueError("comparing fraction rules needs routed layers with a causal rule")
+    if not model.calibrated:
+        raise ValueError("the threshold rule needs a calibrated model (this one was never calibrated)")
+    for f in fractions:
+        if not 0 <= f <= 1:
+            raise ValueError(f"fractions must be in [0, 1], got {f}")
+    T = seq_len if seq_len is not None else trainer.get("seq_len") or cfg.max_seq_len
+    if not 1 <= T <= cfg.max_seq_len:
+        raise ValueError(f"seq_len must be in [1, model.max_seq_len={cfg.max_seq_len}], got {T}")
+    tokens = prepare_corpus(source, load_tokenizer(ckpt), cache_dir)
+    tokens.check_fits(T, cfg.vocab_size)
+    starts = tokens.eval_offsets(T, batches * batch_size)
+    rows = []
+    for f in fractions:
+        per = {"hold": ([], []), "threshold": ([], [])}  # per window: loss, routed fraction
+        for b in range(batches):
+            x, y = tokens.batch_at("val", starts[b * batch_size:(b + 1) * batch_size], T, device)
+            for rule in per:
+                thresholds, hold = fraction_thresholds(model, f, rule)
+                dial = model.make_dial(x.shape[0], f) if hold else None
+                out = model(x, mode="causal", thresholds=thresholds, dial=dial, return_routing=True)
+                loss = F.cross_entropy(out.logits.float().transpose(1, 2), y, reduction="none").mean(1)  # (B,)
+                routed = torch.stack([m.float().mean(1) for m in out.routing.values()]).mean(0)  # (B,)
+                per[rule][0].extend(loss.tolist())
+                per[rule][1].extend(routed.tolist())
+        diff = torch.tensor(per["hold"][0]) - torch.tensor(per["threshold"][0])
+        row = {"fraction": f, "diff": float(diff.mean()), "diff_se": float(diff.std() / math.sqrt(diff.numel()))}
+        for rule, (loss, routed) in per.items():
+            dev = (torch.tensor(routed) - f).abs()
+            row[rule] = {"loss": sum(loss) / len(loss), "routed": sum(routed) / len(routed),
+                         "off": float(dev.mean()), "off_max": float(dev.max())}
+        rows.append(row)
+    return {"checkpoint": str(ckpt), "data": source, "seq_len": T, "windows": batches * batch_size,
+            "rows": rows}
+
+
+def format_rule_comparison(r: dict[str, Any]) -> str:
+    """A markdown table of `compare_fraction_rules`."""
+    lines = [f"{r['checkpoint']} on {r['data']}: {r['windows']} windows of {r['seq_len']} tokens, causal mode",
+             "", "| asked | loss, threshold | loss, hold | hold - threshold | routed, threshold (mean / max off) "
+             "| routed, hold (mean / max off) |", "|---|---|---|---|---|---|"]
+    for row in r["rows"]:
+        th, ho = row["threshold"], row["hold"]
+        verdict = "not resolved" if abs(row["diff"]) < 2 * row["diff_se"] else ("hold worse" if row["diff"] > 0
+                                                                              else "hold better")
+        lines.append(f"| {row['fraction']:g} | {th['loss']:.4f} | {ho['loss']:.4f} | {row['diff']:+.4f} ± "
+                     f"{row['diff_se']:.4f} ({verdict}) | {th['routed']:.3f} ({th['off']:.3f} / {th['off_max']:.3f}) "
+                     f"| {ho['routed']:.3f} ({ho['off']:.3f} / {ho['off_max']:.3f}) |")
+    return "\n".join(lines)

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from ..checkpoint import resolve_checkpoint
-from ..evaluate import format_report, run_eval
+from ..evaluate import compare_fraction_rules, format_report, format_rule_comparison, run_eval
 from ..flags import add_device_args, positive_int
 from ..model.dial import DEFAULT_RULE, RULES
 
@@ -23,12 +23,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fraction-rule", choices=RULES, default=None,
                         help=f"how --fraction is reached: hold (each window held at it, on any text) or threshold "
                              f"(the calibration table's threshold for it); default {DEFAULT_RULE}")
+    parser.add_argument("--compare-rules", default=None, metavar="F1,F2,...",
+                        help="instead: causal loss and routed fractions at these asked fractions under both rules "
+                             "(hold, threshold), paired by window, as a markdown table")
     add_device_args(parser, dtype=False)
     parser.add_argument("--json", default=None, metavar="FILE", help="also write the result as JSON")
 
 
 def run(args: argparse.Namespace) -> int:
     resolve_checkpoint(args.checkpoint)  # a missing path fails here, before any data work
+    if args.compare_rules:
+        fractions = [float(v) for v in args.compare_rules.split(",") if v.strip()]
+        r = compare_fraction_rules(args.checkpoint, fractions, data=args.data, batches=args.batches,
+                                   seq_len=args.seq_len, batch_size=args.batch_size, device=args.device)
+        print(format_rule_comparison(r))
+        if args.json:
+            Path(args.json).write_text(json.dumps(r, indent=1) + "\n")
+        return 0
     r = run_eval(args.checkpoint, data=args.data, batches=args.batches, seq_len=args.seq_len,
                  batch_size=args.batch_size, device=args.device, fraction=args.fraction,
                  fraction_rule=args.fraction_rule)
