@@ -599,3 +599,20 @@ def test_serve_page_in_headless_chromium(served, client, tmp_path):
         assert (tmp_path / "page.png").stat().st_size > 1000
     finally:
         browser.close()
+
+
+@pytest.mark.slow
+def test_serve_bench_runs_both_servers_and_writes_table_and_curve(tmp_path, capsys):
+    from mixdepth.cli import main
+
+    out = tmp_path / "bench"
+    assert main(["bench", "serve", "--preset", "debug", "--concurrency", "1,2", "--requests", "2", "--new-tokens", "4",
+                 "--prompt-len", "8", "--out", str(out)]) == 0
+    recs = json.loads((out / "bench-serve.json").read_text())["records"]
+    assert [(r["concurrency"], r["model"]) for r in recs] == [(1, "dense"), (1, "mod"), (2, "dense"), (2, "mod")]
+    assert all(r["requests"] == 2 and r["tokens"] == 8 and r["tok_s"] > 0 for r in recs)
+    assert all(r["ttft_p50_ms"] > 0 and r["itl_p99_ms"] >= r["itl_p50_ms"] > 0 for r in recs)
+    table = (out / "bench-serve.md").read_text()
+    assert table.count("\n| ") == 4 and "MoD/dense" in table and table in capsys.readouterr().out
+    assert (out / "bench-serve.png").stat().st_size > 1000
+    assert not list(out.glob("serve-*.log")) or all("Traceback" not in p.read_text() for p in out.glob("serve-*.log"))

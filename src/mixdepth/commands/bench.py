@@ -16,9 +16,11 @@ from ..runtime import resolve_device, steady_allocator, torch_dtype
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("what", nargs="?", default="all",
-                        choices=["train", "prefill", "decode", "memory", "capacities", "moe", "all"],
+                        choices=["train", "prefill", "decode", "memory", "capacities", "moe", "serve", "all"],
                         help="which benchmark to run (default: all = train, prefill, decode, memory; moe = train "
-                             "and decode of MoE, staged and integrated MoDE vs dense of the same active size)")
+                             "and decode of MoE, staged and integrated MoDE vs dense of the same active size; serve "
+                             "= a MoD checkpoint and its dense twin behind `mixdepth serve` under load, "
+                             "mixdepth.serve.loadgen)")
     add_model_args(parser, default_preset="bench")
     parser.add_argument("--batch-size", type=int, default=4, help="sequences per step for train/prefill/memory")
     parser.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence for train/prefill/memory")
@@ -35,6 +37,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "models, captured as a CUDA graph on a GPU, torch.compile on a CPU (compile time "
                              "reported apart)")
     parser.add_argument("--json", default=None, metavar="FILE", help="write the records as a JSON list")
+    serve = parser.add_argument_group("serve", "bench serve: output tokens/s, TTFT and per-token latency against "
+                                      "concurrency (--new-tokens new tokens per request)")
+    serve.add_argument("--checkpoint", default=None, metavar="DIR",
+                       help="the MoD checkpoint (its dense twin is made from it); default: a random pair of the "
+                            "model flags, calibrated to route the capacity")
+    serve.add_argument("--concurrency", default="1,4,8,16",
+                       help="comma-separated concurrent requests (default: 1,4,8,16)")
+    serve.add_argument("--requests", type=int, default=32, help="requests per concurrency level (default: 32)")
+    serve.add_argument("--prompt-len", type=int, default=64, help="prompt tokens per request (default: 64)")
+    serve.add_argument("--max-seconds", type=float, default=300.0,
+                       help="no new request after this many seconds in a level (default: 300)")
+    serve.add_argument("--serve-threads", type=int, default=None,
+                       help="torch threads of each server (default: torch's)")
+    serve.add_argument("--out", default="runs/bench-serve", metavar="DIR",
+                       help="folder for bench-serve.json/.md/.png, the checkpoints and server logs "
+                            "(default: runs/bench-serve)")
 
 
 def _fmt(rec: dict) -> str:
@@ -58,6 +76,8 @@ def _fmt(rec: dict) -> str:
 
 def run(args: argparse.Namespace) -> int:
     cfg = model_config_from_args(args)
+    if args.what == "serve":
+        return _run_serve(args, cfg)
     steady_allocator()
     if not cfg.routed_layer_ids and args.what != "moe":
         raise CLIError("bench compares a routed model with its dense twin, and this config routes no layer "
@@ -102,4 +122,21 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(records, f, indent=2)
+    return 0
+
+
+def _run_serve(args: argparse.Namespace, cfg: ModelConfig) -> int:
+    from ..serve.loadgen import bench_serve
+
+    if args.checkpoint is None and not cfg.routed_layer_ids:
+        raise CLIError("bench serve compares a routed model with its dense twin, and this config routes no layer")
+    need = args.prompt_len + args.new_tokens
+    if args.checkpoint is None and need > cfg.max_seq_len:
+        cfg = ModelConfig.from_dict({**cfg.to_dict(), "max_seq_len": need})
+    levels = number_list(args.concurrency, int, "--concurrency")
+    bench_serve(args.out, checkpoint=args.checkpoint, cfg=cfg, concurrency=tuple(levels), requests=args.requests,
+                max_tokens=args.new_tokens, prompt_len=args.prompt_len, max_seconds=args.max_seconds,
+                threads=args.serve_threads)
+    print(open(f"{args.out}/bench-serve.md").read(), end="")
+    print(f"wrote {args.out}/bench-serve.json, bench-serve.md, bench-serve.png")
     return 0
