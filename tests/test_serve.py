@@ -616,3 +616,12 @@ def test_serve_bench_runs_both_servers_and_writes_table_and_curve(tmp_path, caps
     assert table.count("\n| ") == 4 and "MoD/dense" in table and table in capsys.readouterr().out
     assert (out / "bench-serve.png").stat().st_size > 1000
     assert not list(out.glob("serve-*.log")) or all("Traceback" not in p.read_text() for p in out.glob("serve-*.log"))
+
+
+def test_openai_readme_example_runs_against_the_server(served, capsys):
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = next(b for b in re.findall(r"```py\n(.*?)```", readme, flags=re.S) if "OpenAI(base_url" in b)
+    exec(compile(code.replace("http://127.0.0.1:8000", served[0].base), "README.md", "exec"), {})
+    assert "prompt_tokens" in capsys.readouterr().out
