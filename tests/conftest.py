@@ -13,6 +13,9 @@ from mixdepth.config import ModelConfig
 # running) OpenMP threads spin against each other; measured here, tests/test_mod.py + test_kvcache.py
 # took 56 s with the default threads under load and 3.8 s with one. MIXDEPTH_TEST_THREADS overrides.
 torch.set_num_threads(int(os.environ.get("MIXDEPTH_TEST_THREADS", "1")))
+# Nothing in the tests may reach a model or data hub (transformers, datasets, lm-eval read these at import)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
 @pytest.fixture(autouse=True)

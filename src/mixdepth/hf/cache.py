@@ -25,18 +25,10 @@ from ..kvcache import KVCache
 
 def fraction_routing(model, fraction: float | None, rule: str | None) -> tuple[dict | None, bool]:
     """How a call reaches routed fraction `fraction`: (per-call thresholds or None, hold the fraction
-    per row with the cache's dial). The library decides (`mixdepth.generate.fraction_thresholds`)."""
-    try:
-        from ..generate import fraction_thresholds
-    except ImportError:  # a library without the hold rule: the calibration table's thresholds
-        fraction_thresholds = None
-    if fraction_thresholds is not None:
-        return fraction_thresholds(model, fraction, rule)
-    if fraction is None:
-        return None, False
-    if not 0 <= fraction <= 1:
-        raise ValueError(f"mixdepth_fraction must be in [0, 1], got {fraction}")
-    return model.causal_thresholds(fraction), False
+    per row with the cache's dial); the library decides, as for `mixdepth.generate.generate`."""
+    from ..generate import fraction_thresholds
+
+    return fraction_thresholds(model, fraction, rule)
 
 
 class MixdepthCache(Cache):

@@ -91,7 +91,8 @@ def to_hf(model, folder: str | Path, tokenizer_dir: str | Path | None = None) ->
 # ---- the routed model in transformers (format transformers) --------------------------------------
 def byte_tokenizer_files(folder: Path) -> None:
     """A transformers tokenizer for our byte tokenizer: token id = byte value (GPT-2's byte-to-character
-    map, no merges), so `AutoTokenizer` encodes text as `ByteTokenizer` does; pad is byte 0."""
+    map, no merges), so `AutoTokenizer` encodes text as `ByteTokenizer` does; pad and bos are byte 0,
+    never added to the text."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     chars = _bytes_to_unicode()
@@ -99,7 +100,9 @@ def byte_tokenizer_files(folder: Path) -> None:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
     tok.save(str(folder / "tokenizer.json"))
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "pad_token": chars[0], "model_max_length": 10**9,
+    # byte 0 names the pad and bos tokens (tools ask for them: lm-eval's prefix token); nothing adds it
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "pad_token": chars[0], "bos_token": chars[0],
+              "model_max_length": 10**9,
               "clean_up_tokenization_spaces": False}
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=1) + "\n")
 

@@ -1,0 +1,366 @@
+"""MoD inside the Hugging Face stack (issue 28): `MixdepthForCausalLM` through transformers, Trainer,
+PEFT and lm-evaluation-harness, on a tiny calibrated model exported here, offline.
+
+Every test name holds "transformers", "trainer", "peft", "lm_eval" or "automodel", so the bar's
+`pytest -k "transformers or trainer or peft or lm_eval or automodel"` selects them all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from mixdepth.checkpoint import load_config, load_model, save_checkpoint  # noqa: E402
+from mixdepth.config import ModelConfig  # noqa: E402
+from mixdepth.generate import generate  # noqa: E402
+from mixdepth.hf import MixdepthCache, MixdepthForCausalLM, to_transformers  # noqa: E402
+from mixdepth.model import MoDTransformer  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = [list(b"ROMEO:\nWhat say you"), list(b"To be"), list(b"Now is the winter of")]
+
+
+def _model() -> MoDTransformer:
+    """The debug preset (routed layers 1 and 3) with its causal thresholds calibrated at 0.4 on
+    random bytes, so rows route differently and routed layers skip tokens."""
+    torch.manual_seed(0)
+    model = MoDTransformer(ModelConfig.from_name("debug")).eval()
+    model.calibrate_causal(torch.randint(0, 256, (8, 96)), fraction=0.4, dial=[0.1, 0.25, 0.4, 0.6, 0.9])
+    return model
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """(our model, its checkpoint folder, its transformers export)."""
+    root = tmp_path_factory.mktemp("hfstack")
+    model = _model()
+    ck = save_checkpoint(root / "ck", model)
+    out = to_transformers(model, root / "hf")
+    return model, ck, out
+
+
+@pytest.fixture(scope="module")
+def hf_model(exported):
+    return transformers.AutoModelForCausalLM.from_pretrained(str(exported[2]), trust_remote_code=True).eval()
+
+
+def _left_pad(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    T = max(map(len, prompts))
+    ids = torch.zeros(len(prompts), T, dtype=torch.long)
+    mask = torch.zeros(len(prompts), T, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, T - len(p):] = torch.tensor(p)
+        mask[b, T - len(p):] = 1
+    return ids, mask
+
+
+# ---- generate ------------------------------------------------------------------------------------
+def test_transformers_generate_equals_mixdepth_generate_and_skips_in_the_cache(exported, hf_model):
+    """Greedy HF `generate` gives `mixdepth.generate`'s tokens for batch 1 and for a left-padded
+    batch of prompts of different lengths; the routed layers' caches hold exactly the tokens that
+    entered their blocks (counted against our generation's routing), fewer than the dense layers'."""
+    model = exported[0]
+    n = 12
+    want = generate(model, PROMPTS, max_new_tokens=n).run()
+    for p, w in zip(PROMPTS, want.tokens):  # batch 1, through the cache generate makes
+        alone = generate(model, [p], max_new_tokens=n).run().tokens[0]
+        assert alone == w
+        out = hf_model.generate(torch.tensor([p]), max_new_tokens=n, do_sample=False)
+        assert out[0, len(p):].tolist() == w
+    ids, mask = _left_pad(PROMPTS)
+    cache = MixdepthCache(hf_model.model, ids.shape[1] + n)
+    out = hf_model.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=0, cache=cache)
+    assert out[:, ids.shape[1]:].tolist() == want.tokens
+    kv = cache.kv
+    fed = [len(p) + n - 1 for p in PROMPTS]  # the last new token is never fed
+    assert kv.seq_lengths.tolist() == fed
+    counts = cache.routed_counts()
+    assert sorted(counts) == model.cfg.routed_layer_ids == [1, 3]
+    for j, lid in enumerate(want.routed_layers):
+        entered = [int(r[j].sum()) for r in want.routing]
+        assert counts[lid].tolist() == entered
+        assert all(0 < e < f for e, f in zip(entered, fed))  # skipped some, ran some, in every row
+    for lid in (0, 2):
+        assert kv.layers[lid].lengths.tolist() == fed
+
+
+def test_transformers_generate_holds_the_compute_dial_per_call(exported, hf_model):
+    """`generate(..., mixdepth_fraction=f)` and a generation-config field route as our `generate`
+    at fraction f (the library's rule), per call: the model's thresholds are untouched."""
+    model = exported[0]
+    p = PROMPTS[0]
+    before = [layer.causal_threshold.clone() for layer in hf_model.model.routed_layers]
+    for f, rule in ((0.2, None), (0.9, "threshold")):
+        res = generate(model, [p], max_new_tokens=10, fraction=f, fraction_rule=rule).run()
+        cache = MixdepthCache(hf_model.model, 64)
+        out = hf_model.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False, cache=cache,
+                                mixdepth_fraction=f, **({"mixdepth_fraction_rule": rule} if rule else {}))
+        assert out[0, len(p):].tolist() == res.tokens[0]
+        assert {k: v.tolist() for k, v in cache.routed_counts().items()} == {
+            lid: [int(res.routing[0][j].sum())] for j, lid in enumerate(res.routed_layers)}
+    low, high = (generate(model, [p], max_new_tokens=10, fraction=f).run() for f in (0.2, 0.9))
+    assert sum(low.routed_fraction.values()) < sum(high.routed_fraction.values())
+    config = transformers.GenerationConfig(max_new_tokens=10, do_sample=False, mixdepth_fraction=0.2)
+    cache = MixdepthCache(hf_model.model, 64)
+    out = hf_model.generate(torch.tensor([p]), generation_config=config)
+    assert out[0, len(p):].tolist() == low.tokens[0]
+    assert all(torch.equal(a, layer.causal_threshold) for a, layer in zip(before, hf_model.model.routed_layers))
+    with pytest.raises(ValueError, match="beam search"):
+        hf_model.generate(torch.tensor([p]), max_new_tokens=2, num_beams=2, do_sample=False)
+
+
+# ---- logits and losses ---------------------------------------------------------------------------
+def test_automodel_logits_equal_ours_in_causal_mode_with_left_padding(exported, hf_model):
+    """`from_pretrained` logits equal ours (fp32, 1e-5): eval mode routes causally; a left-padded
+    row gives its unpadded logits at its real columns. Training mode with labels returns our
+    training objective (LM loss + weighted router losses, top-k routing)."""
+    model = exported[0]
+    assert not hf_model.training and hf_model.dtype == torch.float32
+    x = torch.randint(0, 256, (2, 40))
+    with torch.no_grad():
+        ours = model(x, mode="causal").logits
+        theirs = hf_model(x).logits
+        torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+        ids, mask = _left_pad(PROMPTS)
+        padded = hf_model(ids, attention_mask=mask).logits
+        for b, p in enumerate(PROMPTS):
+            alone = model(torch.tensor([p]), mode="causal").logits[0]
+            torch.testing.assert_close(padded[b, ids.shape[1] - len(p):], alone, rtol=1e-5, atol=1e-5)
+    hf_model.train()
+    try:
+        y = torch.randint(0, 256, (2, 40))
+        out = hf_model(y, labels=y)
+        targets = torch.cat([y[:, 1:], torch.full((2, 1), -100)], dim=1)
+        want = model(y, targets, mode="topk")
+        torch.testing.assert_close(out.loss, want.loss, rtol=1e-5, atol=1e-6)
+        assert want.losses and float(want.loss.detach()) != float(want.lm_loss.detach())  # router terms are in it
+    finally:
+        hf_model.eval()
+
+
+# ---- loading, saving, registration ---------------------------------------------------------------
+def test_automodel_save_pretrained_round_trips_and_the_cli_reads_the_export(exported, hf_model, tmp_path, capsys):
+    """save_pretrained of the loaded model loads back with the same weights and logits; the export
+    holds routers and calibration in one state dict; `mixdepth generate` and the checkpoint loader
+    (generate/eval/train --init) read the folder directly."""
+    from safetensors import safe_open
+
+    from mixdepth.cli import main
+
+    model, ck, out = exported
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == "mixdepth" and cfg["auto_map"]["AutoModelForCausalLM"].startswith("modeling_mixdepth")
+    for name in ("configuration_mixdepth.py", "modeling_mixdepth.py", "tokenizer.json", "generation_config.json"):
+        assert (out / name).is_file(), name
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        keys = set(f.keys())
+    for lid in (1, 3):
+        assert {f"model.layers.{lid}.router.weight", f"model.layers.{lid}.threshold_table"} <= keys
+    hf_model.save_pretrained(str(tmp_path / "again"))
+    again = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "again"), trust_remote_code=True).eval()
+    sd, back = hf_model.state_dict(), again.state_dict()
+    assert sd.keys() == back.keys() and all(torch.equal(v, back[k]) for k, v in sd.items())
+    x = torch.randint(0, 256, (1, 30))
+    with torch.no_grad():
+        torch.testing.assert_close(again(x).logits, hf_model(x).logits, rtol=0, atol=0)
+    assert load_config(out).to_dict() == model.cfg.to_dict()
+    loaded = load_model(out)
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
+    texts = []
+    for folder in (ck, out):
+        assert main(["generate", "--checkpoint", str(folder), "--prompt", "To be", "--max-new-tokens", "8"]) == 0
+        texts.append(capsys.readouterr().out.split("\n---")[0])
+    assert texts[0] == texts[1]
+
+
+def _python(code: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_automodel_knows_mixdepth_after_import_and_refuses_remote_code_unless_trusted(exported):
+    """`import mixdepth` loads no transformers; afterwards (imported before or after transformers)
+    AutoConfig/AutoModelForCausalLM load the export without remote code. Without mixdepth imported,
+    transformers refuses the folder's code unless trust_remote_code=True, in its own words."""
+    code = r"""
+import sys
+first = sys.argv[2]
+if first == "transformers":
+    import transformers
+import mixdepth
+assert first == "transformers" or "transformers" not in sys.modules, "import mixdepth imported transformers"
+from transformers import AutoConfig, AutoModelForCausalLM
+assert AutoConfig.for_model("mixdepth").model_type == "mixdepth"
+m = AutoModelForCausalLM.from_pretrained(sys.argv[1])
+print(type(m).__module__, type(m).__name__)
+"""
+    for first in ("mixdepth", "transformers"):
+        run = _python(code, str(exported[2]), first)
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert run.stdout.split() == ["mixdepth.hf.modeling", "MixdepthForCausalLM"]
+    refused = _python(r"""
+import sys
+from transformers import AutoModelForCausalLM
+try:
+    AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=False)
+except ValueError as e:
+    print(str(e).splitlines()[0])
+""", str(exported[2]))
+    assert refused.returncode == 0 and "custom code" in refused.stdout, refused.stdout + refused.stderr[-2000:]
+
+
+def test_automodel_refuses_weights_that_do_not_match_the_routing(exported, tmp_path):
+    """A folder whose weights lack a router or calibration tensor, or whose config routes other
+    layers than the weights: one clear ValueError from `from_pretrained` and from our loader, and
+    nothing is written into the folder."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    out = exported[2]
+    cases = {}
+    for key in ("model.layers.1.router.weight", "model.layers.3.threshold_table"):
+        bad = tmp_path / key.split(".")[-1]
+        shutil.copytree(out, bad)
+        sd = load_file(str(bad / "model.safetensors"))
+        del sd[key]
+        save_file(sd, str(bad / "model.safetensors"), metadata={"format": "pt"})
+        cases[bad] = f"missing weight {key}"
+    moved = tmp_path / "routing"
+    shutil.copytree(out, moved)
+    cfg = json.loads((moved / "config.json").read_text())
+    cfg["mixdepth"]["routing"]["route_every"] = 1  # routes layers 0-3, the weights have routers at 1 and 3
+    (moved / "config.json").write_text(json.dumps(cfg))
+    cases[moved] = "missing weight model.layers.0."
+    for folder, msg in cases.items():
+        before = sorted(p.name for p in folder.iterdir())
+        with pytest.raises(ValueError, match="does not match") as e:
+            transformers.AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=True)
+        assert msg in str(e.value) and "\n" not in str(e.value)
+        with pytest.raises(ValueError, match="does not match"):
+            load_model(folder)
+        assert sorted(p.name for p in folder.iterdir()) == before
+
+
+# ---- Trainer, PEFT, lm-eval ----------------------------------------------------------------------
+def _pattern_batch(n: int, T: int = 32) -> torch.Tensor:
+    """Rows of a repeated short byte pattern: a tiny model learns them in a few steps."""
+    rows = []
+    for i in range(n):
+        unit = list(b"abcdefgh"[: 3 + i % 4])
+        rows.append((unit * T)[:T])
+    return torch.tensor(rows)
+
+
+def test_trainer_trains_routers_and_its_checkpoint_reloads(exported, tmp_path):
+    """`transformers.Trainer` on a local `datasets.Dataset`: the loss falls, the routers get
+    gradients, and the saved checkpoint reloads with the same logits."""
+    datasets = pytest.importorskip("datasets")
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(exported[2]), trust_remote_code=True)
+    x = _pattern_batch(16)
+    data = datasets.Dataset.from_dict({"input_ids": x.tolist(), "labels": x.tolist()})
+    grads = []
+    router = model.model.layers[1].router.weight
+    router.register_hook(lambda g: grads.append(float(g.norm())))
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "run"), max_steps=12, per_device_train_batch_size=8, learning_rate=3e-3,
+        logging_steps=1, save_steps=12, report_to=[], use_cpu=True, seed=0, dataloader_num_workers=0,
+        disable_tqdm=True)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data)
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 12 and losses[-1] < 0.8 * losses[0], losses
+    assert grads and all(g > 0 for g in grads)
+    ckpt = tmp_path / "run" / "checkpoint-12"
+    again = transformers.AutoModelForCausalLM.from_pretrained(str(ckpt), trust_remote_code=True).eval()
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(x[:2]).logits, model(x[:2]).logits, rtol=0, atol=0)
+
+
+def test_peft_lora_on_attention_and_mlp_trains_and_merges(exported):
+    """PEFT LoRA on q/v and gate/down projections: only the adapters train, the loss falls, and the
+    merged model gives the adapted model's logits (and is a `MixdepthForCausalLM` that still routes)."""
+    peft = pytest.importorskip("peft")
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(exported[2]), trust_remote_code=True)
+    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                             target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"])
+    lora = peft.get_peft_model(model, config)
+    trainable = [n for n, p in lora.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert any("layers.1.self_attn.q_proj" in n for n in trainable)  # a routed layer's block is adapted
+    opt = torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=1e-2)
+    x = _pattern_batch(8)
+    lora.train()
+    losses = []
+    for _ in range(10):
+        loss = lora(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss))
+    assert losses[-1] < 0.9 * losses[0], losses
+    lora.eval()
+    with torch.no_grad():
+        adapted = lora(input_ids=x[:2]).logits
+        merged = lora.merge_and_unload()
+        assert isinstance(merged, MixdepthForCausalLM)
+        torch.testing.assert_close(merged(x[:2]).logits, adapted, rtol=1e-4, atol=1e-4)
+    assert merged.model.routed_layers
+
+
+LM_EVAL_TASK = """task: mixdepth_local
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: choices
+doc_to_target: answer
+metric_list:
+  - metric: acc
+"""
+
+
+def test_lm_eval_loglikelihoods_equal_ours(exported, tmp_path):
+    """lm-evaluation-harness (`--model hf`, trust_remote_code) on a local YAML task over a local
+    JSONL: it runs, and each log-likelihood it reports equals ours computed directly (causal mode)."""
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    docs = [{"question": "To be, or not to", "choices": ["be", "go", "see"], "answer": 0},
+            {"question": "ROMEO: What say", "choices": ["you", "thee"], "answer": 1},
+            {"question": "Now is the winter", "choices": ["of our", "in a"], "answer": 0}]
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "mixdepth_local.yaml").write_text(LM_EVAL_TASK.format(data=data))
+    res = lm_eval.simple_evaluate(
+        model="hf", model_args=f"pretrained={exported[2]},trust_remote_code=True,dtype=float32",
+        tasks=["mixdepth_local"], task_manager=TaskManager(include_path=str(tmp_path / "tasks")),
+        batch_size=2, device="cpu", log_samples=True)
+    samples = res["samples"]["mixdepth_local"]
+    assert len(samples) == len(docs) and "acc,none" in res["results"]["mixdepth_local"]
+    model = exported[0]
+    checked = 0
+    for s in samples:
+        assert len(s["arguments"]) == len(s["doc"]["choices"])
+        for (context, continuation), resp in zip(s["arguments"], s["resps"]):  # lm-eval's own request text
+            ctx, cont = list(context.encode()), list(continuation.encode())
+            ids = torch.tensor([ctx + cont])
+            with torch.no_grad():
+                logp = model(ids, mode="causal").logits.float().log_softmax(-1)[0]
+            ours = sum(float(logp[len(ctx) - 1 + i, t]) for i, t in enumerate(cont))
+            assert abs(float(resp[0][0]) - ours) < 1e-4, (context, continuation, resp, ours)
+            checked += 1
+    assert checked == 7
