@@ -2,7 +2,8 @@
 queue, shutdown), and the OpenAI API on a uvicorn server on a free port of 127.0.0.1 driven by the
 official `openai` client and httpx (completions and chat, streamed and not, stop strings, seeds,
 usage, greedy text equal to `generate_text`, 4xx JSON bodies, the API key, 200 streams with
-disconnects), then the page in headless Chromium and SIGTERM on the real command (slow).
+disconnects, the README's client example), then the page in headless Chromium, SIGTERM on the real
+command and `mixdepth bench serve` on tiny settings (slow).
 
 The served model is the `debug` preset with random weights, calibrated to route half of the tokens
 of a random stream, with a small byte-level BPE tokenizer that has a ChatML chat template.

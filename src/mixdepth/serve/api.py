@@ -323,8 +323,11 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
             raise APIError(400, str(e), param=param,
                            code="context_length_exceeded" if param == "max_tokens" else None) from None
         frac = body.mixdepth.fraction if body.mixdepth is not None else None
-        return SamplingParams(max_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
-                              top_p=body.top_p, seed=body.seed, stop=_stops(body.stop), fraction=frac)
+        try:
+            return SamplingParams(max_tokens=max_tokens, top_p=body.top_p, seed=body.seed, stop=_stops(body.stop),
+                                  temperature=1.0 if body.temperature is None else body.temperature, fraction=frac)
+        except ValueError as e:
+            raise APIError(400, str(e)) from None
 
     @app.get("/", include_in_schema=False)
     async def page():
