@@ -4,7 +4,7 @@ PY ?= python3
 VENV := .venv
 TORCH ?= torch==2.13.0
 
-.PHONY: venv test test-slow test-smollm test-compile test-serve demo lint bench clean smollm-curve sweep study
+.PHONY: venv test test-slow test-smollm test-compile test-serve test-transformers demo lint bench clean smollm-curve sweep study
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -26,7 +26,12 @@ test-slow: venv
 
 # the slow test the HF issue names: the real SmolLM2 checkpoint converted, parity with transformers
 test-smollm: venv
-	$(VENV)/bin/python -m pytest -q -m slow -k smollm
+	$(VENV)/bin/python -m pytest -q -m slow -k smollm tests/test_hf.py
+
+# the slow test the transformers issue (28) names: the real SmolLM2 exported, loaded with AutoModelForCausalLM,
+# answering as `mixdepth generate --chat`; the issue's other tests (Trainer, PEFT, lm-eval, ...) are in `make test`
+test-transformers: venv
+	$(VENV)/bin/python -m pytest -q -m slow tests/test_transformers.py
 
 # the slow tests the static-decode issue names: generate/bench --compile end to end, and per-block compile
 test-compile: venv

@@ -364,3 +364,31 @@ def test_lm_eval_loglikelihoods_equal_ours(exported, tmp_path):
             assert abs(float(resp[0][0]) - ours) < 1e-4, (context, continuation, resp, ours)
             checked += 1
     assert checked == 7
+
+
+# ---- the real checkpoint (slow) ------------------------------------------------------------------
+@pytest.mark.slow
+def test_automodel_smollm2_export_answers_the_chat_question_as_mixdepth_generate(tmp_path, capsys):
+    """The real SmolLM2 GGUF, converted and exported for transformers, loads through
+    `AutoModelForCausalLM`/`AutoTokenizer` from the folder alone and answers the chat question with
+    the text `mixdepth generate --chat` prints (uncalibrated routers: every token enters)."""
+    pytest.importorskip("gguf")
+    from mixdepth.cli import main
+    from mixdepth.hf import convert, export
+    from test_hf import _smollm2_gguf
+
+    question = "What is the capital of France?"
+    ck = convert(_smollm2_gguf(), tmp_path / "smol").out
+    out = export(ck, tmp_path / "smol-hf")
+    assert main(["generate", "--checkpoint", str(ck), "--chat", "--prompt", question, "--max-new-tokens", "24"]) == 0
+    ours = capsys.readouterr().out.split("\n---")[0].strip()
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=True).eval()
+    assert isinstance(model, MixdepthForCausalLM) and model.model.routed_layers
+    tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    ids = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)["input_ids"]
+    gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False)
+    answer = tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    assert ours.startswith(question)  # the CLI prints the prompt, then the reply
+    assert answer == ours.removeprefix(question).strip()
+    assert "Paris" in answer
