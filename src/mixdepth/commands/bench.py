@@ -51,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     serve.add_argument("--serve-threads", type=int, default=None,
                        help="torch threads of each server (default: torch's)")
     serve.add_argument("--out", default="runs/bench-serve", metavar="DIR",
-                       help="folder for bench-serve.json/.md/.png, the checkpoints and server logs "
+                       help="folder for bench-serve.json/.md/.png and the server logs "
                             "(default: runs/bench-serve)")
 
 

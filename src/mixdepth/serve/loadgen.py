@@ -24,11 +24,13 @@ import asyncio
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -189,7 +191,8 @@ def bench_serve(out: str | Path, *, checkpoint: str | Path | None = None, cfg=No
                 concurrency: tuple[int, ...] = (1, 4, 8, 16), requests: int = 32, max_tokens: int = 64,
                 prompt_len: int = 64, max_seconds: float = 300.0, temperature: float = 0.8, threads: int | None = None,
                 seed: int = 0) -> list[dict]:
-    """Run the benchmark; writes `bench-serve.json`, `bench-serve.md` and `bench-serve.png` in `out`.
+    """Run the benchmark; writes `bench-serve.json`, `bench-serve.md`, `bench-serve.png` and the servers'
+    logs in `out` (the checkpoints served go to a temporary folder).
 
     Returns one record per (concurrency, model) with tok/s, TTFT and per-token latency percentiles,
     and for MoD the ratios against dense at the same concurrency.
@@ -197,7 +200,17 @@ def bench_serve(out: str | Path, *, checkpoint: str | Path | None = None, cfg=No
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
-    ckpts = prepare_pair(out / "checkpoints", checkpoint, cfg, seed)
+    tmp = Path(tempfile.mkdtemp(prefix="mixdepth-bench-serve-"))  # the checkpoints written here, removed after
+    try:
+        return _bench_serve(out, tmp, checkpoint, cfg, concurrency, requests, max_tokens, prompt_len, max_seconds,
+                            temperature, threads, seed)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _bench_serve(out, tmp, checkpoint, cfg, concurrency, requests, max_tokens, prompt_len, max_seconds, temperature,
+                 threads, seed) -> list[dict]:
+    ckpts = prepare_pair(tmp, checkpoint, cfg, seed)
     from ..checkpoint import load_config
 
     vocab = load_config(ckpts["mod"]).vocab_size
