@@ -626,3 +626,26 @@ def test_openai_readme_example_runs_against_the_server(served, capsys):
     code = next(b for b in re.findall(r"```py\n(.*?)```", readme, flags=re.S) if "OpenAI(base_url" in b)
     exec(compile(code.replace("http://127.0.0.1:8000", served[0].base), "README.md", "exec"), {})
     assert "prompt_tokens" in capsys.readouterr().out
+
+
+def test_engine_long_prompts_prefill_chunk_by_chunk_between_decode_steps(model, tok):
+    engine = Engine(model, tok, max_batch=3, chunk_size=4).start()
+    try:
+        steps: list[str] = []
+        for name in ("_decode", "_prefill_long_chunk", "_prefill"):
+            orig = getattr(engine, name)
+            setattr(engine, name, lambda *a, _o=orig, _n=name, **k: (steps.append(_n), _o(*a, **k))[1])
+        long_prompt = "hello world, the capital of France is Paris. What is it? hello world"
+        prompts = [PROMPTS[0], long_prompt, PROMPTS[1], long_prompt]
+        assert len(tok.encode(long_prompt)) > 3 * 4
+        reqs, texts = run_engine(engine, [tok.encode(p) for p in prompts], SamplingParams(max_tokens=12, temperature=0))
+        for p, text in zip(prompts, texts):
+            assert text == generate_text(model, tok, p, max_new_tokens=12, temperature=0, chunk_size=4)[0][0]
+        # the long prompts went chunk by chunk, and rows that were decoding got a step between chunks
+        assert steps.count("_prefill_long_chunk") >= 2 * 3
+        between = [steps[i + 1] for i, s in enumerate(steps[:-1]) if s == "_prefill_long_chunk"]
+        assert "_decode" in between
+        assert all(r.finish_reason == "length" for r in reqs)
+        assert wait_idle(engine)["running"] == 0 and engine.cache.bytes_in_use() == 0 and engine._long is None
+    finally:
+        engine.shutdown()

@@ -5,11 +5,13 @@ One thread owns the model and every piece of per-call state: a `KVCache` of `max
 results come back through each request's `on_event` callback, called from the engine thread.
 The engine knows nothing of HTTP (`mixdepth.serve.api` maps its exceptions to status codes).
 
-The scheduler follows nano-vllm's: each step is either a prefill or a decode step.
+The scheduler follows nano-vllm's: each step is either a prefill or a decode step, and a prefill
+step is followed by a decode step whenever rows are decoding (so arrivals never starve them).
 - Prefill: waiting requests take free rows, first come first served, up to `max_prefill_tokens`
-  prompt tokens per step; they are prefilled (in chunks of `chunk_size`) in a small cache of their
-  own, and each row is copied into the pool (`KVCache.copy_row_from`). The prefill's logits give each
-  request its first token: it has joined the running batch.
+  prompt tokens per step; they are prefilled in a small cache of their own, and each row is copied
+  into the pool (`KVCache.copy_row_from`). The prefill's logits give each request its first token:
+  it has joined the running batch. A prompt longer than `chunk_size` is prefilled alone, one chunk
+  per step between decode steps, so a long prompt delays the running rows by one chunk at a time.
 - Decode: one token for every running row (`mixdepth.generate.decode_one`; rows not in use are
   masked: they write nothing and run no routed block). In a routed layer only the rows whose token
   chose the block run it, which is where a MoD model turns skipped layers into throughput.
@@ -171,12 +173,15 @@ class Engine:
         tokenizer: `encode`/`decode`, and optionally `stop_ids` (end-of-sequence ids) and `chat_ids`.
         max_batch: rows of the pool, i.e. requests decoded together at most.
         max_waiting: requests allowed to wait for a row; one more raises `QueueFull`.
-        chunk_size: prompt tokens per prefill forward call.
-        max_prefill_tokens: prompt tokens prefilled in one step at most (a longer prompt goes alone).
+        chunk_size: prompt tokens per prefill forward call; a longer prompt is prefilled one chunk per
+            step, between decode steps.
+        max_prefill_tokens: prompt tokens of short prompts prefilled together in one step at most
+            (default: `chunk_size`).
     """
 
     def __init__(self, model, tokenizer, *, max_batch: int = 8, max_waiting: int = 256, chunk_size: int = 512,
-                 max_prefill_tokens: int = 4096) -> None:
+                 max_prefill_tokens: int | None = None) -> None:
+        max_prefill_tokens = chunk_size if max_prefill_tokens is None else max_prefill_tokens
         if max_batch < 1 or max_waiting < 0 or chunk_size < 1 or max_prefill_tokens < 1:
             raise ValueError(f"max_batch, chunk_size and max_prefill_tokens must be >= 1 and max_waiting >= 0, got "
                              f"{max_batch}, {chunk_size}, {max_prefill_tokens} and {max_waiting}")
@@ -199,6 +204,8 @@ class Engine:
         self._accepting = True
         self._stop = False
         self._thread: threading.Thread | None = None
+        self._long: tuple | None = None  # (request, its cache, tokens prefilled, routing masks) of a long prompt
+        self._last_prefill = False
         # statistics, read by other threads through `stats()`
         self._generated = 0
         self._prompt_tokens = 0
@@ -338,8 +345,13 @@ class Engine:
             self._cond.notify_all()
 
     def step(self) -> bool:
-        """One scheduling step: free the rows of ended requests, then a prefill step if some request
-        waits and a row is free, else a decode step. Returns whether it ran the model."""
+        """One scheduling step; returns whether it ran the model.
+
+        First the rows of cancelled requests are freed. Then, after a prefill step, a decode step if
+        rows are decoding (so a stream of new requests never starves the running ones); else the next
+        chunk of a long prompt being prefilled; else a prefill of waiting requests if a row is free;
+        else a decode step.
+        """
         with self._cond:
             gone = [r for r in self.waiting if r.cancelled]
             for r in gone:
@@ -349,24 +361,84 @@ class Engine:
         for row, r in list(self.running.items()):
             if r.cancelled:
                 self._release(row, finish_reason="abort")
+        if self._long is not None and self._long[0].row is None:  # its request ended while prefilling
+            self._long = None
+        decoding = any(r.out_ids for r in self.running.values())
+        action = None
+        if self._last_prefill and decoding:
+            action = "decode"
+        elif self._long is not None:
+            action = "long"
+        else:
+            admit, long = self._admit()
+            if long is not None:
+                self._start_long(long)
+                action = "long"
+            elif admit:
+                action = "prefill"
+            elif decoding:
+                action = "decode"
+        if action == "decode":
+            self._decode()
+        elif action == "long":
+            self._prefill_long_chunk()
+        elif action == "prefill":
+            self._prefill(admit)
+        self._last_prefill = action in ("long", "prefill")
+        self.steps += action is not None
+        self._publish()
+        return action is not None
+
+    def _admit(self) -> tuple[list[Request], Request | None]:
+        """Waiting requests that take a row now, first come first served: prompts of up to `chunk_size`
+        tokens together, up to `max_prefill_tokens` in all; or one longer prompt alone, prefilled one
+        chunk per step (`_prefill_long_chunk`), so that decoding rows never wait for more than a chunk."""
         admit: list[Request] = []
         with self._cond:
             budget = self.max_prefill_tokens
             while self.waiting and len(admit) < len(self.free_rows):
-                if admit and len(self.waiting[0].prompt_ids) > budget:
+                n = len(self.waiting[0].prompt_ids)
+                if n > self.chunk_size:
+                    return admit, (None if admit else self.waiting.popleft())
+                if admit and n > budget:
                     break
                 admit.append(self.waiting.popleft())
-                budget -= len(admit[-1].prompt_ids)
-        ran = False
-        if admit:
-            self._prefill(admit)
-            ran = True
-        elif self.running:
-            self._decode()
-            ran = True
-        self.steps += ran
-        self._publish()
-        return ran
+                budget -= n
+        return admit, None
+
+    def _start_long(self, r: Request) -> None:
+        r.row = self.free_rows.popleft()
+        self.running[r.row] = r
+        small = self.model.make_cache(1, max_seq_len=len(r.prompt_ids))
+        if r.params.fraction is not None:
+            small.set_fraction(0, r.params.fraction)
+        self._long = (r, small, 0, [])
+
+    def _prefill_long_chunk(self) -> None:
+        """The next chunk of the long prompt being prefilled; after its last, its row joins the batch."""
+        r, small, s, masks = self._long
+        n = len(r.prompt_ids)
+        try:
+            part = torch.tensor([r.prompt_ids[s : s + self.chunk_size]], device=self.device)  # (1, Tc)
+            logits, m = prefill(self.model, small, part)  # continues what the small cache holds
+            masks.append(torch.stack([m[lid][0].cpu() for lid in self.routed_layer_ids]) if self.routed_layer_ids
+                         else torch.zeros(0, part.shape[1], dtype=torch.bool))  # (R, Tc)
+            s += part.shape[1]
+            if s < n:
+                self._long = (r, small, s, masks)
+                return
+            self._long = None
+            chosen = torch.cat(masks, dim=1)  # (R, T)
+            self.cache.reset_row(r.row)
+            self.cache.copy_row_from(small, 0, r.row)
+            tok = self._sample(logits, [r])[0]
+        except Exception as e:
+            self._long = None
+            log.warning("request %d failed in prefill: %s", r.id, e)
+            if r.row is not None:
+                self._release(r.row, error=f"prefill failed: {e}")
+            return
+        self._joined(r, tok, chosen)
 
     def _prefill(self, reqs: list[Request]) -> None:
         for r in reqs:
@@ -406,18 +478,21 @@ class Engine:
             self.cache.reset_row(r.row)
             self.cache.copy_row_from(small, i, r.row)
         toks = self._sample(logits, reqs)
-        now = time.perf_counter()
         for i, r in enumerate(reqs):
-            r.fed += lens[i]
-            per_layer = chosen[:, i, : lens[i]].sum(1).tolist()
-            r.routed = [a + b for a, b in zip(r.routed, per_layer)]
-            r.t_first = now
-            with self._cond:
-                self._prompt_tokens += lens[i]
-            self._accept(r, toks[i], int(chosen[:, i, lens[i] - 1].sum()))
+            self._joined(r, toks[i], chosen[:, i, : lens[i]])
+
+    def _joined(self, r: Request, tok: int, chosen: torch.Tensor) -> None:
+        """A prefilled request's first token; `chosen` (R, T) host: which prompt tokens entered each routed layer."""
+        T = len(r.prompt_ids)
+        r.fed += T
+        r.routed = [a + b for a, b in zip(r.routed, chosen.sum(1).tolist())]
+        r.t_first = time.perf_counter()
+        with self._cond:
+            self._prompt_tokens += T
+        self._accept(r, tok, int(chosen[:, T - 1].sum()))
 
     def _decode(self) -> None:
-        rows = sorted(self.running)
+        rows = sorted(b for b, r in self.running.items() if r.out_ids)  # not a long prompt still prefilling
         reqs = [self.running[b] for b in rows]
         feed = torch.zeros(self.max_batch, dtype=torch.long)  # (B,) rows not in use feed padding
         active = torch.zeros(self.max_batch, dtype=torch.bool)  # (B,) host
