@@ -48,6 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     serve.add_argument("--prompt-len", type=int, default=64, help="prompt tokens per request (default: 64)")
     serve.add_argument("--max-seconds", type=float, default=300.0,
                        help="no new request after this many seconds in a level (default: 300)")
+    serve.add_argument("--max-batch", type=int, default=None,
+                       help="each server's --max-batch (default: the largest --concurrency)")
     serve.add_argument("--serve-threads", type=int, default=None,
                        help="torch threads of each server (default: torch's)")
     serve.add_argument("--out", default="runs/bench-serve", metavar="DIR",
@@ -136,7 +138,7 @@ def _run_serve(args: argparse.Namespace, cfg: ModelConfig) -> int:
     levels = number_list(args.concurrency, int, "--concurrency")
     bench_serve(args.out, checkpoint=args.checkpoint, cfg=cfg, concurrency=tuple(levels), requests=args.requests,
                 max_tokens=args.new_tokens, prompt_len=args.prompt_len, max_seconds=args.max_seconds,
-                threads=args.serve_threads)
+                threads=args.serve_threads, max_batch=args.max_batch)
     print(open(f"{args.out}/bench-serve.md").read(), end="")
     print(f"wrote {args.out}/bench-serve.json, bench-serve.md, bench-serve.png")
     return 0

@@ -190,9 +190,10 @@ def _metrics(base: str) -> dict[str, float]:
 def bench_serve(out: str | Path, *, checkpoint: str | Path | None = None, cfg=None,
                 concurrency: tuple[int, ...] = (1, 4, 8, 16), requests: int = 32, max_tokens: int = 64,
                 prompt_len: int = 64, max_seconds: float = 300.0, temperature: float = 0.8, threads: int | None = None,
-                seed: int = 0) -> list[dict]:
+                seed: int = 0, max_batch: int | None = None) -> list[dict]:
     """Run the benchmark; writes `bench-serve.json`, `bench-serve.md`, `bench-serve.png` and the servers'
-    logs in `out` (the checkpoints served go to a temporary folder).
+    logs in `out` (the checkpoints served go to a temporary folder). Each server's pool has `max_batch`
+    rows (default: the largest concurrency).
 
     Returns one record per (concurrency, model) with tok/s, TTFT and per-token latency percentiles,
     and for MoD the ratios against dense at the same concurrency.
@@ -203,13 +204,13 @@ def bench_serve(out: str | Path, *, checkpoint: str | Path | None = None, cfg=No
     tmp = Path(tempfile.mkdtemp(prefix="mixdepth-bench-serve-"))  # the checkpoints written here, removed after
     try:
         return _bench_serve(out, tmp, checkpoint, cfg, concurrency, requests, max_tokens, prompt_len, max_seconds,
-                            temperature, threads, seed)
+                            temperature, threads, seed, max_batch or max(concurrency))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _bench_serve(out, tmp, checkpoint, cfg, concurrency, requests, max_tokens, prompt_len, max_seconds, temperature,
-                 threads, seed) -> list[dict]:
+                 threads, seed, max_batch) -> list[dict]:
     ckpts = prepare_pair(tmp, checkpoint, cfg, seed)
     from ..checkpoint import load_config
 
@@ -217,7 +218,7 @@ def _bench_serve(out, tmp, checkpoint, cfg, concurrency, requests, max_tokens, p
     g = torch.Generator().manual_seed(seed)
     # token-id prompts: the same for both models and any tokenizer (ids below 256 are bytes for the byte one)
     prompts = torch.randint(0, min(vocab, 256), (max(requests, max(concurrency)), prompt_len), generator=g).tolist()
-    servers = {name: ServerProcess(ck, name, max(concurrency), out / f"serve-{name}.log", threads)
+    servers = {name: ServerProcess(ck, name, max_batch, out / f"serve-{name}.log", threads)
                for name, ck in ckpts.items()}
     records: list[dict] = []
     try:
@@ -244,8 +245,8 @@ def _bench_serve(out, tmp, checkpoint, cfg, concurrency, requests, max_tokens, p
             s.stop()
     settings = {"checkpoint": str(checkpoint) if checkpoint else None, "concurrency": list(concurrency),
                 "requests": requests, "max_tokens": max_tokens, "prompt_len": prompt_len, "temperature": temperature,
-                "max_seconds": max_seconds, "routed_fraction_mod": routed, "cpu_count": os.cpu_count(),
-                "torch": torch.__version__}
+                "max_seconds": max_seconds, "max_batch": max_batch, "routed_fraction_mod": routed,
+                "cpu_count": os.cpu_count(), "torch": torch.__version__}
     (out / "bench-serve.json").write_text(json.dumps({"settings": settings, "records": records}, indent=2))
     (out / "bench-serve.md").write_text(format_table(records, settings))
     plot_curve(records, out / "bench-serve.png")
@@ -257,7 +258,8 @@ def format_table(records: list[dict], settings: dict) -> str:
     by = {(r["concurrency"], r["model"]): r for r in records}
     lines = [
         f"requests per level {settings['requests']}, {settings['max_tokens']} new tokens each, prompts of "
-        f"{settings['prompt_len']} tokens, temperature {settings['temperature']}; MoD routed fraction "
+        f"{settings['prompt_len']} tokens, temperature {settings['temperature']}, --max-batch "
+        f"{settings['max_batch']}; MoD routed fraction "
         f"{settings['routed_fraction_mod']:.3f} (decode, per routed layer, mean)",
         "",
         "| concurrency | dense tok/s | MoD tok/s | MoD/dense | TTFT p50/p99 dense (ms) | TTFT p50/p99 MoD (ms) "
