@@ -226,6 +226,8 @@ def test_engine_queue_full_and_shutdown(model, tok):
         engine.submit([5, 6], p, events.append)
     with pytest.raises(ValueError, match="maximum context length is 128"):
         engine.submit([5] * 100, SamplingParams(max_tokens=29), events.append)
+    engine.begin_shutdown()
+    assert not engine.stats()["accepting"]  # /health answers 503 from here
     engine.shutdown(timeout=5)  # the waiting ones end with an error
     assert not engine.alive and [e.error for e in events] == ["the server is shutting down"] * 2
     with pytest.raises(EngineStopped):
@@ -346,6 +348,8 @@ BAD_BODIES = [
     ("fraction out of range", {"model": "tiny", "prompt": "x", "mixdepth": {"fraction": 1.5}}, 400,
      "mixdepth.fraction"),
     ("token id outside the vocabulary", {"model": "tiny", "prompt": [1, 99999]}, 400, "prompt"),
+    ("stream_options without stream", {"model": "tiny", "prompt": "x", "stream_options": {"include_usage": True}},
+     400, "stream_options"),
     ("oversized body", {"model": "tiny", "prompt": "x" * 5000}, 413, None),
 ]
 

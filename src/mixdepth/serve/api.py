@@ -313,6 +313,8 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
     def _params(body: _Sampling, prompt_ids: list[int], max_tokens: int | None,
                 default_max: int | None) -> SamplingParams:
         _refuse_unsupported(body)
+        if body.stream_options is not None and not body.stream:
+            raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
         room = engine.context - len(prompt_ids)
         if max_tokens is None:
             max_tokens = room if default_max is None else min(default_max, room)
@@ -337,6 +339,8 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
     async def health():
         if not engine.alive:
             return JSONResponse({"status": "stopped"}, status_code=503)
+        if not engine.stats()["accepting"]:  # draining: a load balancer should send no more requests
+            return JSONResponse({"status": "stopping"}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/metrics")
