@@ -90,6 +90,14 @@ def test_transformers_generate_equals_mixdepth_generate_and_skips_in_the_cache(e
         assert all(0 < e < f for e, f in zip(entered, fed))  # skipped some, ran some, in every row
     for lid in (0, 2):
         assert kv.layers[lid].lengths.tolist() == fed
+    # sampling skips too; `pipeline` gives the greedy text
+    cache = MixdepthCache(hf_model.model, ids.shape[1] + n)
+    hf_model.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=True, top_k=20, pad_token_id=0, cache=cache)
+    assert all(bool((c < torch.tensor(fed)).all()) for c in cache.routed_counts().values())
+    tok = transformers.AutoTokenizer.from_pretrained(str(exported[2]))
+    pipe = transformers.pipeline("text-generation", model=hf_model, tokenizer=tok)
+    text = pipe(bytes(PROMPTS[1]).decode(), max_new_tokens=n, do_sample=False)[0]["generated_text"]
+    assert text == bytes(PROMPTS[1] + want.tokens[1]).decode("utf-8", errors="replace")
 
 
 def test_transformers_generate_holds_the_compute_dial_per_call(exported, hf_model):
@@ -115,6 +123,8 @@ def test_transformers_generate_holds_the_compute_dial_per_call(exported, hf_mode
     assert all(torch.equal(a, layer.causal_threshold) for a, layer in zip(before, hf_model.model.routed_layers))
     with pytest.raises(ValueError, match="beam search"):
         hf_model.generate(torch.tensor([p]), max_new_tokens=2, num_beams=2, do_sample=False)
+    with pytest.raises(ValueError, match="cache_implementation"):
+        hf_model.generate(torch.tensor([p]), max_new_tokens=2, cache_implementation="static")
 
 
 # ---- logits and losses ---------------------------------------------------------------------------

@@ -128,6 +128,9 @@ class MixdepthForCausalLM(PreTrainedModel, GenerationMixin):
         if getattr(generation_config, "num_beams", 1) > 1:
             raise ValueError("beam search is not supported by MixdepthForCausalLM (a routed layer's rows hold "
                              "different numbers of tokens); use greedy decoding or sampling")
+        if generation_config.cache_implementation not in (None, "dynamic"):
+            raise ValueError(f"cache_implementation {generation_config.cache_implementation!r} is not supported by "
+                             "MixdepthForCausalLM: it decodes with its own cache (MixdepthCache)")
         if generation_config.use_cache is False:
             return
         fraction = model_kwargs.pop("mixdepth_fraction", None)
