@@ -76,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
 
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                             timeout_graceful_shutdown=int(args.shutdown_timeout) + 3)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        log.warning("warning: serving on %s without --api-key: anyone who reaches this port can generate", args.host)
     log.info("serving %s as '%s' on http://%s:%d (max batch %d)%s", ckpt, name, args.host, args.port,
              args.max_batch, ", API key required on /v1" if args.api_key else "")
     Server(config).run()
