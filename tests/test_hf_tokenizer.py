@@ -303,7 +303,7 @@ def test_hf_generate_at_fraction_one_and_zero_needs_no_calibration(routing):
     assert default.tokens == res.tokens and all(f == 1.0 for f in default.routed_fraction.values())
     with pytest.raises(ValueError, match="never calibrated"):
         generate(model, prompts, fraction=0.5, fraction_rule="threshold")
-    held = generate(model, prompts, max_new_tokens=6, fraction=0.5).run()  # hold needs no calibration
+    held = generate(model, prompts, max_new_tokens=6, fraction=0.5, fraction_rule="hold").run()  # no calibration
     assert all(0.3 < f < 0.7 for f in held.routed_fraction.values())
 
 

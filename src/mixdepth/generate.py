@@ -430,7 +430,7 @@ def _loop(model, prompts, stream, max_new_tokens, stops, fraction, thresholds, h
     cache_len = max(n + m for n, m in zip(lens.tolist(), limits))
     cache = stream.cache = model.make_cache(B, max_seq_len=cache_len, routed_fraction=fraction)
     if hold:
-        cache.set_fraction(None, fraction)
+        cache.set_fraction(None, fraction, "hold")
     T = int(lens.max())
     tokens = torch.zeros(B, T, dtype=torch.long)
     for b, p in enumerate(prompts):

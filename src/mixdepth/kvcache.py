@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import ModelConfig
+from .model.dial import DEFAULT_RULE
 
 
 class LayerKV:
@@ -228,12 +229,13 @@ class KVCache(_Accounting):
             self.dial.fraction[:] = fractions
 
     # ---- rows, for a server's pool of rows (continuous batching) ----------------------------
-    def set_fraction(self, row: int | None, fraction: float | None) -> None:
-        """Hold row `row` (None: every row) at routed fraction `fraction` by the `hold` rule
-        (`mixdepth.model.dial`); None: the row decides by the threshold again."""
+    def set_fraction(self, row: int | None, fraction: float | None, rule: str | None = None) -> None:
+        """Route row `row` (None: every row) at `fraction` by `rule` (default `dial.DEFAULT_RULE`):
+        `hold` keeps the row's routed fraction at it on any text, `threshold` takes the calibration
+        table's threshold for it (`mixdepth.model.dial`); None: the calibrated threshold again."""
         if self.dial is None:
             raise ValueError("this cache has no dial: make it with model.make_cache")
-        self.dial.set_fraction(row, fraction)
+        self.dial.set_fraction(row, fraction, DEFAULT_RULE if rule is None else rule)
 
     def reset_row(self, b: int) -> None:
         """Empty row b for a new sequence (its dial off); the other rows are untouched."""

@@ -3,64 +3,61 @@
 A calibrated threshold routes the asked fraction of the *calibration* tokens; on other text the
 causal scores shift and the fraction drifts with them (the tuned SmolLM2 asked for 0.9 routed
 28-68% of chat answers). The `hold` rule decides each token of a row, at each routed layer, from
-that row's own scores, causally:
+what that row has routed so far, causally:
 
-1. Rank (a causal top-k): the token enters if its score would be in the top `fraction` of a
-   window of the row's `WINDOW` previous scores at this layer, i.e. if fewer than
-   `fraction * (m + 1)` of the m scores held exceed it. The window starts filled with `WINDOW`
-   quantiles of the calibration scores (the threshold table), so a row's first tokens are
-   decided as the calibrated threshold would; the row's own scores push them out one by one. An
-   uncalibrated layer starts with an empty window.
-2. Quota: a row that has routed more than `SLACK` tokens above `fraction * tokens` lets no
-   further token in until it is back within; one as far below takes the next tokens whatever
-   their scores. So after n tokens the routed fraction is within (SLACK + 1) / n of the target
-   on any text; the rank alone keeps the quota from acting in the common case.
+1. A first decision: the calibration table's threshold for the asked fraction (`score >
+   threshold`), as the `threshold` rule decides. A layer never calibrated has no threshold; it
+   ranks instead (a causal top-k): the token passes if its score would be in the top `fraction`
+   of the row's last `WINDOW` scores at this layer.
+2. A quota: a row that has routed more than its slack above `fraction * tokens` lets no further
+   token in until it is back within; one as far below takes the next tokens whatever their
+   scores. The slack is `SLACK_FRACTION` of the row's tokens or `SLACK` tokens, whichever is more,
+   so after n tokens the routed fraction is within max(SLACK_FRACTION, (SLACK + 1) / n) of the
+   target on any text, and on text like the calibration text the quota rarely acts.
 
 Both depend only on the row's earlier tokens and the token itself: causal, and a prompt decided
 in one forward call equals the same tokens decided one by one (tested). The state of a row, per
-routed layer, is the window (on the device), and the tokens seen and routed (on the host, where
-the quota is decided: a routed layer's decision is read on the host anyway).
+routed layer, is the tokens seen and routed (on the host, where the quota is decided: a routed
+layer's decision is read on the host anyway) and, for ranking, the window of scores (on the device).
+
+What it costs against the `threshold` rule on in-distribution text is measured by `mixdepth eval
+--compare-rules` (README, "The compute dial"); it is not the default (`DEFAULT_RULE`) because that
+cost is small but not negligible.
 
 Dimensions: B rows, T tokens, W window.
 """
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
 WINDOW = 64
-"""Previous scores a token is ranked against."""
+"""Previous scores a token is ranked against (layers never calibrated)."""
 
 SLACK = 2
-"""Tokens a row may be above or below its quota before the quota decides alone."""
+"""Tokens a row may be above or below its quota before the quota decides alone..."""
+
+SLACK_FRACTION = 0.04
+"""...or this fraction of its tokens, whichever is more."""
 
 RULES = ("hold", "threshold")
 """How an asked routed fraction is reached: `hold` (this module) or `threshold` (the calibration
 table's threshold for that fraction, `MoDBlock.threshold_for`)."""
 
-DEFAULT_RULE = "hold"
-"""The rule of an asked fraction unless one is named (README: its cost against `threshold`)."""
-
-
-def prior_window(table: torch.Tensor, window: int = WINDOW) -> torch.Tensor:
-    """(W,) the calibration scores' quantiles a row's window starts with, from a layer's threshold
-    table (thresholds for fractions 0, 0.001, ..., 1; NaN when uncalibrated: an empty window)."""
-    if torch.isnan(table).any():
-        return torch.full((window,), float("nan"), device=table.device)
-    n = table.numel() - 1
-    picks = [round((i + 0.5) / window * n) for i in range(window)]
-    return table[picks].float().clamp(-3e38, 3e38)
+DEFAULT_RULE = "threshold"
+"""The rule of an asked fraction unless one is named: `hold` costs a little loss on in-distribution
+text (README, "The compute dial"), so it is asked for by name."""
 
 
 class LayerDial:
-    """One routed layer's dial state for B rows."""
+    """One routed layer's dial state for B rows; `table` is the layer's threshold table (fractions
+    0, 0.001, ..., 1), None for a layer never calibrated (it ranks)."""
 
-    def __init__(self, prior: torch.Tensor, batch_size: int) -> None:
-        self.prior = prior  # (W,)
-        self.window = prior[None].repeat(batch_size, 1)  # (B, W), oldest first
+    def __init__(self, table: torch.Tensor | None, batch_size: int, window: int, device) -> None:
+        self.table = None if table is None else table.detach().float().cpu()
+        self.prior = torch.full((window,), float("nan"), device=device)  # an empty window
+        self.window = self.prior[None].repeat(batch_size, 1)  # (B, W), oldest first
         self.seen = np.zeros(batch_size, dtype=np.int64)
         self.routed = np.zeros(batch_size, dtype=np.int64)
 
@@ -72,7 +69,8 @@ class LayerDial:
         self.window[dst_row] = src.window[src_row]
         self.seen[dst_row], self.routed[dst_row] = src.seen[src_row], src.routed[src_row]
 
-    def decide(self, score: torch.Tensor, fraction: np.ndarray, valid: torch.Tensor | None) -> torch.Tensor:
+    def decide(self, score: torch.Tensor, fraction: np.ndarray, valid: torch.Tensor | None,
+               hold: np.ndarray | None = None) -> torch.Tensor:
         """Decide the tokens of one call and advance the state.
 
         Args:
@@ -80,39 +78,49 @@ class LayerDial:
             fraction: (B,) host float: each row's target (NaN: the row does not use the dial; its
                 decisions here are ignored by the caller and its state is left alone).
             valid: (B, T) bool, real tokens (right padding after them), or None for all.
+            hold: (B,) host bool, the rows held by the quota (default: every row with a fraction);
+                the others take the first decision alone (the `threshold` rule).
 
         Returns:
             (B, T) bool on the device of `score`.
         """
         B, T = score.shape
-        W = self.window.shape[1]
         s = score.detach().float()
-        seq = torch.cat([self.window, s], dim=1)  # (B, W + T)
-        ahead = seq.unfold(1, W, 1)[:, :T]  # (B, T, W): the W scores before each token
-        above = (ahead > s[..., None]).sum(-1)  # (B, T); NaN (empty) entries never count
-        held = (~torch.isnan(ahead)).sum(-1)  # (B, T)
         counts = np.ones((B, T), dtype=bool) if valid is None else valid.cpu().numpy()
-        above, held = above.cpu().numpy(), held.cpu().numpy()  # one host transfer per layer
         use = ~np.isnan(fraction)
         f = np.where(use, fraction, 0.0)
-        rank_ok = above < f[:, None] * (held + 1)  # (B, T)
+        if self.table is not None:  # the calibrated threshold of each row's fraction
+            thr = self.table[torch.from_numpy(np.round(f * (self.table.numel() - 1)).astype(np.int64))]
+            first = (s > thr.to(s.device)[:, None]).cpu().numpy()  # (B, T), one host transfer per layer
+        else:
+            first = self._rank(s, f, counts, use)
         chosen = np.zeros((B, T), dtype=bool)
         seen, routed = self.seen.copy(), self.routed.copy()
+        held = use if hold is None else hold & use
         for t in range(T):  # the quota: sequential in t, vectorized over rows
             real = counts[:, t] & use
             quota = f * (seen + 1)
-            c = np.where(routed < quota - SLACK, True, np.where(routed + 1 > quota + SLACK, False, rank_ok[:, t]))
-            c &= real
+            slack = np.maximum(SLACK, SLACK_FRACTION * (seen + 1))
+            c = np.where(routed < quota - slack, True, np.where(routed + 1 > quota + slack, False, first[:, t]))
+            c = np.where(held, c, first[:, t]) & real
             chosen[:, t] = c
             seen += real
             routed += c
         self.seen = np.where(use, seen, self.seen)
         self.routed = np.where(use, routed, self.routed)
-        # the window keeps each row's last W real scores
-        n = torch.from_numpy(counts.sum(1) * use).to(seq.device)  # (B,) real tokens this call
-        idx = n[:, None] + torch.arange(W, device=seq.device)  # (B, W)
-        self.window = seq.gather(1, idx)
         return torch.from_numpy(chosen).to(score.device)
+
+    def _rank(self, s: torch.Tensor, f: np.ndarray, counts: np.ndarray, use: np.ndarray) -> np.ndarray:
+        """(B, T) host bool: each score in the top `f` of its row's last W scores (and itself);
+        the window then keeps each row's last W real scores."""
+        T, W = s.shape[1], self.window.shape[1]
+        seq = torch.cat([self.window, s], dim=1)  # (B, W + T)
+        ahead = seq.unfold(1, W, 1)[:, :T]  # (B, T, W): the W scores before each token
+        above = (ahead > s[..., None]).sum(-1).cpu().numpy()  # (B, T); NaN (empty) entries never count
+        held = (~torch.isnan(ahead)).sum(-1).cpu().numpy()  # (B, T)
+        n = torch.from_numpy(counts.sum(1) * use).to(seq.device)  # (B,) real tokens this call
+        self.window = seq.gather(1, n[:, None] + torch.arange(W, device=seq.device))
+        return above < f[:, None] * (held + 1)
 
 
 class Dial:
@@ -123,23 +131,34 @@ class Dial:
     their threshold.
     """
 
-    def __init__(self, layers: dict[int, LayerDial], batch_size: int) -> None:
+    def __init__(self, layers: dict[int, LayerDial], batch_size: int, calibrated: bool = True) -> None:
         self.layers = layers
+        self.calibrated = calibrated
         self.fraction = np.full(batch_size, np.nan)
+        self.hold = np.ones(batch_size, dtype=bool)  # per row: the hold rule, else the threshold rule
 
     @classmethod
-    def for_model(cls, model, batch_size: int, window: int = WINDOW) -> Dial:
-        layers = {layer.layer_id: LayerDial(prior_window(layer.threshold_table, window), batch_size)
+    def for_model(cls, model, batch_size: int, window: int | None = None) -> Dial:
+        w = WINDOW if window is None else window
+        layers = {layer.layer_id: LayerDial(layer.threshold_table if layer.calibrated else None, batch_size, w,
+                                            layer.threshold_table.device)
                   for layer in model.routed_layers}
-        return cls(layers, batch_size)
+        return cls(layers, batch_size, model.calibrated)
 
-    def set_fraction(self, row: int | None, fraction: float | None) -> None:
-        """Hold row `row` (None: every row) at `fraction` (None: the row stops using the dial)."""
-        if fraction is not None and (not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1
-                                     or math.isnan(fraction)):
+    def set_fraction(self, row: int | None, fraction: float | None, rule: str = "hold") -> None:
+        """Route row `row` (None: every row) at `fraction` by `rule` (`hold`, or `threshold`: the
+        calibration table's threshold for it); None: the row goes back to the calibrated threshold."""
+        if fraction is not None and (isinstance(fraction, bool) or not isinstance(fraction, (int, float))
+                                     or not 0 <= fraction <= 1):
             raise ValueError(f"routed fraction must be in [0, 1], got {fraction}")
+        if rule not in RULES:
+            raise ValueError(f"fraction rule must be one of {RULES}, got {rule!r}")
+        if fraction is not None and rule == "threshold" and fraction not in (0, 1) and not self.calibrated:
+            raise ValueError("cannot set the routed fraction by threshold: the model was never calibrated "
+                             "(hold it with the hold rule, or calibrate the model)")
         rows = slice(None) if row is None else row
         self.fraction[rows] = np.nan if fraction is None else float(fraction)
+        self.hold[rows] = rule == "hold"
 
     @property
     def active(self) -> bool:
@@ -147,10 +166,11 @@ class Dial:
 
     def reset_row(self, b: int) -> None:
         self.fraction[b] = np.nan
+        self.hold[b] = True
         for layer in self.layers.values():
             layer.reset_row(b)
 
     def copy_row(self, src: Dial, src_row: int, dst_row: int) -> None:
-        self.fraction[dst_row] = src.fraction[src_row]
+        self.fraction[dst_row], self.hold[dst_row] = src.fraction[src_row], src.hold[src_row]
         for lid, layer in self.layers.items():
             layer.copy_row(src.layers[lid], src_row, dst_row)

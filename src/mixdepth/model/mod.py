@@ -289,8 +289,8 @@ class MoDBlock(Block):
         B, T, _ = x.shape
         score = self.router.causal_score(x, r)  # (B, T)
         chosen = score > threshold
-        if dial is not None and dial.active:  # rows with a held fraction: the `hold` rule decides
-            held = dial.layers[self.layer_id].decide(score, dial.fraction, valid)
+        if dial is not None and dial.active:  # rows with a fraction of their own: the dial decides
+            held = dial.layers[self.layer_id].decide(score, dial.fraction, valid, dial.hold)
             use = torch.from_numpy(~np.isnan(dial.fraction)).to(x.device)
             chosen = torch.where(use[:, None], held, chosen)
         if valid is not None:
