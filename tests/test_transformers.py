@@ -157,13 +157,15 @@ def test_automodel_logits_equal_ours_in_causal_mode_with_left_padding(exported, 
 
 
 # ---- loading, saving, registration ---------------------------------------------------------------
-def test_automodel_save_pretrained_round_trips_and_the_cli_reads_the_export(exported, hf_model, tmp_path, capsys):
+def test_automodel_save_pretrained_round_trips_and_the_cli_reads_the_export(exported, hf_model, tmp_path, capsys,
+                                                                           corpus):
     """save_pretrained of the loaded model loads back with the same weights and logits; the export
     holds routers and calibration in one state dict; `mixdepth generate` and the checkpoint loader
     (generate/eval/train --init) read the folder directly."""
     from safetensors import safe_open
 
     from mixdepth.cli import main
+    from mixdepth.evaluate import run_eval
 
     model, ck, out = exported
     cfg = json.loads((out / "config.json").read_text())
@@ -189,6 +191,14 @@ def test_automodel_save_pretrained_round_trips_and_the_cli_reads_the_export(expo
         assert main(["generate", "--checkpoint", str(folder), "--prompt", "To be", "--max-new-tokens", "8"]) == 0
         texts.append(capsys.readouterr().out.split("\n---")[0])
     assert texts[0] == texts[1]
+    evals = [run_eval(folder, data=str(corpus), batches=1, batch_size=2, seq_len=32, device="cpu",
+                      cache_dir=str(tmp_path / "cache")) for folder in (ck, out)]
+    assert evals[0]["loss_causal"] == evals[1]["loss_causal"] and evals[0]["loss_topk"] == evals[1]["loss_topk"]
+    assert main(["train", "--init", str(out), "--train.max_steps", "1", "--train.seq_len", "32", "--train.batch_size",
+                 "2", "--train.eval_every", "0", "--train.data", str(corpus), "--train.cache_dir",
+                 str(tmp_path / "cache"), "--train.device", "cpu", "--no-progress", "--out",
+                 str(tmp_path / "run")]) == 0
+    assert "1 steps" in capsys.readouterr().out
 
 
 def _python(code: str, *args: str) -> subprocess.CompletedProcess:
@@ -316,7 +326,7 @@ def test_peft_lora_on_attention_and_mlp_trains_and_merges(exported):
         loss.backward()
         opt.step()
         opt.zero_grad()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert losses[-1] < 0.9 * losses[0], losses
     lora.eval()
     with torch.no_grad():

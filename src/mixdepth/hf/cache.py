@@ -35,7 +35,8 @@ class MixdepthCache(Cache):
     """A `transformers.Cache` backed by `KVCache`; see the module docstring.
 
     Args:
-        model: the `MoDTransformer` it caches for (its `make_cache` builds the buffers).
+        model: the `MoDTransformer` it caches for (its `make_cache` builds the buffers), or the
+            `MixdepthForCausalLM` around it.
         max_seq_len: tokens per row at most (default: the model's context).
         fraction, fraction_rule: the routed fraction of the generation this cache serves
             (`mixdepth.generate.generate`'s `fraction`/`fraction_rule`); None: the calibrated
@@ -45,6 +46,7 @@ class MixdepthCache(Cache):
     def __init__(self, model, max_seq_len: int | None = None, *, fraction: float | None = None,
                  fraction_rule: str | None = None) -> None:
         super().__init__(layers=[])
+        model = getattr(model, "model", model)  # a MixdepthForCausalLM: the MoDTransformer inside
         self._model = model
         ctx = model.cfg.max_seq_len
         self.max_seq_len = min(int(max_seq_len), ctx) if max_seq_len else ctx

@@ -138,11 +138,13 @@ class MixdepthForCausalLM(PreTrainedModel, GenerationMixin):
         fraction = getattr(generation_config, "mixdepth_fraction", None) if fraction is None else fraction
         rule = getattr(generation_config, "mixdepth_fraction_rule", None) if rule is None else rule
         cache = model_kwargs.get("cache")
-        if cache is None:
-            model_kwargs["cache"] = MixdepthCache(self.model, max_cache_length, fraction=fraction, fraction_rule=rule)
-        elif not isinstance(cache, MixdepthCache):
+        if cache is not None and not isinstance(cache, MixdepthCache) and cache.get_seq_length() > 0:
             raise ValueError(f"MixdepthForCausalLM decodes with a MixdepthCache, got {type(cache).__name__}")
+        if not isinstance(cache, MixdepthCache):  # none, or an empty cache of transformers' own
+            model_kwargs["cache"] = MixdepthCache(self.model, max_cache_length, fraction=fraction, fraction_rule=rule)
         elif fraction is not None:
+            if cache.kv is not None:
+                raise ValueError("mixdepth_fraction is fixed for a cache when it is made; start a new cache")
             cache.fraction, cache.fraction_rule = fraction, rule
 
     def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, cache=None, attention_mask=None,
@@ -206,7 +208,10 @@ class MixdepthForCausalLM(PreTrainedModel, GenerationMixin):
         if cache is None and use_cache and not self.training and mode == "causal":
             cache = MixdepthCache(mod, fraction=mixdepth_fraction, fraction_rule=mixdepth_fraction_rule)
         if cache is not None and not isinstance(cache, MixdepthCache):
-            raise ValueError(f"MixdepthForCausalLM decodes with a MixdepthCache, got {type(cache).__name__}")
+            if cache.get_seq_length() > 0:
+                raise ValueError(f"MixdepthForCausalLM decodes with a MixdepthCache, got {type(cache).__name__}")
+            # an empty cache of transformers' own (a caller that made a DynamicCache): ours instead
+            cache = MixdepthCache(mod, fraction=mixdepth_fraction, fraction_rule=mixdepth_fraction_rule)
 
         # left (or any) padding -> right padding: real tokens first, in order
         mask = None
