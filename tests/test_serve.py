@@ -436,19 +436,54 @@ def test_server_200_streams_with_disconnects_leave_nothing_behind(served, tok):
     assert s["finished"].get("abort", 0) > 0  # the cut streams were cancelled, not run to their end
 
 
-def test_server_passes_the_dial_to_the_cache(served, client, monkeypatch):
+def test_server_dial_holds_per_request_on_text_unlike_the_calibration_text(served, client, monkeypatch):
+    """The model was calibrated on uniform random ids; these prompts repeat a few ids, where the
+    calibrated threshold routes far from what is asked. Held requests stay within 0.05 per layer."""
     server, engine = served
     seen = []
     orig = engine.cache.__class__.set_fraction
 
-    def spy(cache, row, fraction):
-        seen.append(fraction)
-        return orig(cache, row, fraction)
+    def spy(cache, row, fraction, rule=None):
+        seen.append((fraction, rule))
+        return orig(cache, row, fraction, rule)
 
     monkeypatch.setattr(engine.cache.__class__, "set_fraction", spy)
-    r = client.completions.create(model="tiny", prompt="hello", max_tokens=6, temperature=0,
-                                  extra_body={"mixdepth": {"fraction": 0.25}})
-    assert seen == [0.25] and r.model_extra["mixdepth"]["fraction"] == 0.25
+    prompt = [7, 8, 9, 7, 8, 9, 10] * 6
+    drift = 0.0
+    for f in (0.25, 0.75):
+        held = client.completions.create(model="tiny", prompt=prompt, max_tokens=40, temperature=0,
+                                         extra_body={"mixdepth": {"fraction": f, "fraction_rule": "hold"}})
+        extra = held.model_extra["mixdepth"]
+        assert extra["fraction"] == f and extra["fraction_rule"] == "hold"
+        for lid, got in extra["routed_fraction_per_layer"].items():
+            assert abs(got - f) <= 0.05, (f, lid, got)
+        by_threshold = client.completions.create(model="tiny", prompt=prompt, max_tokens=40, temperature=0,
+                                                 extra_body={"mixdepth": {"fraction": f}})  # the default rule
+        assert by_threshold.model_extra["mixdepth"]["fraction_rule"] == "threshold"
+        drift = max(drift, *(abs(v - f) for v in by_threshold.model_extra["mixdepth"]["routed_fraction_per_layer"]
+                             .values()))
+    assert drift > 0.05, drift  # what holding fixes: the calibrated threshold does not transfer here
+    assert (0.25, "hold") in seen and (0.25, "threshold") in seen
+    bad = httpx.post(server.base + "/v1/completions", json={"model": "tiny", "prompt": "x", "mixdepth": {
+        "fraction": 0.5, "fraction_rule": "nearest"}})
+    assert bad.status_code == 400 and bad.json()["error"]["param"].startswith("mixdepth")
+
+
+def test_server_refuses_a_threshold_fraction_on_an_uncalibrated_model(tok):
+    model = MoDTransformer(ModelConfig.from_name("debug", vocab_size=tok.vocab_size, routing={"capacity": 0.5}))
+    engine = Engine(model.eval(), tok, max_batch=2)
+    server = Server(create_app(engine, "raw"))
+    try:
+        r = httpx.post(server.base + "/v1/completions", json={"model": "raw", "prompt": "hello", "max_tokens": 4,
+                                                              "mixdepth": {"fraction": 0.5}})
+        assert r.status_code == 400 and "never calibrated" in r.json()["error"]["message"]
+        r = httpx.post(server.base + "/v1/completions", json={"model": "raw", "prompt": "hello", "max_tokens": 4,
+                                                              "mixdepth": {"fraction": 0.5, "fraction_rule": "hold"}})
+        assert r.status_code == 200, r.text
+        plain = httpx.post(server.base + "/v1/completions", json={"model": "raw", "prompt": "hello", "max_tokens": 4})
+        assert plain.json()["mixdepth"]["routed_fraction"] == 1.0  # never calibrated: every token, every block
+    finally:
+        server.close()
 
 
 # ---- the real command (slow) ----------------------------------------------------------------------

@@ -13,6 +13,7 @@ import threading
 from pathlib import Path
 
 from ..flags import add_device_args
+from ..model.dial import DEFAULT_RULE, RULES
 
 log = logging.getLogger("mixdepth")
 
@@ -31,6 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--served-model-name", default=None, metavar="NAME",
                         help="model id in /v1/models and requests (default: the checkpoint folder's name)")
     parser.add_argument("--chunk-size", type=int, default=512, help="prompt tokens per prefill step (default: 512)")
+    parser.add_argument("--fraction-rule", choices=RULES, default=None,
+                        help="how a request's {\"mixdepth\": {\"fraction\": f}} is reached unless it names a rule: "
+                             f"hold (held on any text) or threshold (the calibration table's); default {DEFAULT_RULE}")
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20,
                         help="larger request bodies get HTTP 413 (default: 1 MiB)")
     parser.add_argument("--shutdown-timeout", type=float, default=5.0,
@@ -60,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(ckpt, device=resolve_device(args.device))
     tokenizer = load_checkpoint_tokenizer(ckpt)
     engine = Engine(model, tokenizer, max_batch=args.max_batch, max_waiting=args.max_waiting,
-                    chunk_size=args.chunk_size)
+                    chunk_size=args.chunk_size, fraction_rule=args.fraction_rule)
     name = args.served_model_name or Path(args.checkpoint).resolve().name
     app = create_app(engine, name, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
                      shutdown_timeout=args.shutdown_timeout)

@@ -72,7 +72,10 @@ class _Strict(BaseModel):
 
 class MixdepthOptions(_Strict):
     fraction: float | None = Field(None, ge=0, le=1)
-    """Routed fraction this request is held at (the compute dial); None: the model's default."""
+    """Routed fraction of this request (the compute dial); None: the calibrated threshold."""
+    fraction_rule: Literal["hold", "threshold"] | None = None
+    """How `fraction` is reached: `hold` (held on any text) or `threshold`; None: the server's
+    `--fraction-rule`."""
 
 
 class StreamOptions(_Strict):
@@ -325,9 +328,11 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
             raise APIError(400, str(e), param=param,
                            code="context_length_exceeded" if param == "max_tokens" else None) from None
         frac = body.mixdepth.fraction if body.mixdepth is not None else None
+        rule = body.mixdepth.fraction_rule if body.mixdepth is not None else None
         try:
             return SamplingParams(max_tokens=max_tokens, top_p=body.top_p, seed=body.seed, stop=_stops(body.stop),
-                                  temperature=1.0 if body.temperature is None else body.temperature, fraction=frac)
+                                  temperature=1.0 if body.temperature is None else body.temperature, fraction=frac,
+                                  fraction_rule=rule)
         except ValueError as e:
             raise APIError(400, str(e)) from None
 

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..generate import _held_back, decode_one, prefill, sample
+from ..model.dial import DEFAULT_RULE, RULES
 
 log = logging.getLogger("mixdepth")
 
@@ -68,7 +69,10 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     """The request ends once its text contains one of these; the text ends before it."""
     fraction: float | None = None
-    """Routed fraction this request's row is held at (`KVCache.set_fraction`); None: the model's default."""
+    """Routed fraction of this request's row (`KVCache.set_fraction`); None: the calibrated threshold."""
+    fraction_rule: str | None = None
+    """How `fraction` is reached: `hold` (held on any text) or `threshold` (`mixdepth.model.dial`);
+    None: the engine's default."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -81,6 +85,8 @@ class SamplingParams:
             raise ValueError("a stop string is empty")
         if self.fraction is not None and not 0 <= self.fraction <= 1:
             raise ValueError(f"fraction must be in [0, 1], got {self.fraction}")
+        if self.fraction_rule is not None and self.fraction_rule not in RULES:
+            raise ValueError(f"fraction_rule must be one of {', '.join(RULES)}, got {self.fraction_rule!r}")
 
 
 @dataclass
@@ -116,6 +122,7 @@ class Request:
                  n_routed: int, device) -> None:
         self.id = next(_ids)
         self.prompt_ids, self.params, self.on_event = prompt_ids, params, on_event
+        self.rule = params.fraction_rule  # the engine fills in its default
         self.row: int | None = None
         self.cancelled = False
         self.out_ids: list[int] = []
@@ -160,6 +167,7 @@ class Request:
             else None,
             "decode_routed_fraction_per_layer": dec,
             "fraction": self.params.fraction,
+            "fraction_rule": self.rule if self.params.fraction is not None else None,
             "time_to_first_token_s": self.t_first - self.t_submit if self.t_first else None,
             "tokens_per_s": (len(self.out_ids) - 1) / gen_s if gen_s > 0 and len(self.out_ids) > 1 else None,
         }
@@ -180,7 +188,7 @@ class Engine:
     """
 
     def __init__(self, model, tokenizer, *, max_batch: int = 8, max_waiting: int = 256, chunk_size: int = 512,
-                 max_prefill_tokens: int | None = None) -> None:
+                 max_prefill_tokens: int | None = None, fraction_rule: str | None = None) -> None:
         max_prefill_tokens = chunk_size if max_prefill_tokens is None else max_prefill_tokens
         if max_batch < 1 or max_waiting < 0 or chunk_size < 1 or max_prefill_tokens < 1:
             raise ValueError(f"max_batch, chunk_size and max_prefill_tokens must be >= 1 and max_waiting >= 0, got "
@@ -190,6 +198,9 @@ class Engine:
                              "be served")
         self.model, self.tokenizer = model, tokenizer
         self.cfg = model.cfg
+        self.fraction_rule = DEFAULT_RULE if fraction_rule is None else fraction_rule
+        if self.fraction_rule not in RULES:
+            raise ValueError(f"fraction_rule must be one of {', '.join(RULES)}, got {fraction_rule!r}")
         self.max_batch, self.max_waiting = max_batch, max_waiting
         self.chunk_size, self.max_prefill_tokens = chunk_size, max_prefill_tokens
         self.device = model.embed_tokens.weight.device
@@ -256,6 +267,16 @@ class Engine:
                              f"{len(prompt_ids) + max_tokens} ({len(prompt_ids)} in the prompt, {max_tokens} in "
                              "the completion): reduce the prompt or max_tokens")
 
+    def _dial(self, params: SamplingParams) -> tuple[float | None, str]:
+        """(fraction, rule) of a request's row, checked against this model (a rule of `threshold`
+        needs a calibrated model)."""
+        rule = params.fraction_rule or self.fraction_rule
+        if params.fraction is not None and rule == "threshold" and params.fraction not in (0, 1) \
+                and not self.model.calibrated:
+            raise ValueError("this model's routers were never calibrated: a fraction needs the hold rule "
+                             "(\"fraction_rule\": \"hold\")")
+        return params.fraction, rule
+
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams,
                on_event: Callable[[Event], None]) -> Request:
         """Queue a request; `on_event` is then called from the engine thread with each `Event`.
@@ -267,7 +288,9 @@ class Engine:
         """
         prompt_ids = [int(t) for t in prompt_ids]
         self.check_prompt(prompt_ids, params.max_tokens)
+        _, rule = self._dial(params)  # a fraction this model cannot reach by its rule fails here, not in the engine
         req = Request(prompt_ids, params, on_event, len(self.routed_layer_ids), self.device)
+        req.rule = rule
         with self._cond:
             if not self._accepting or self._stop:
                 raise EngineStopped("the server is shutting down")
@@ -410,8 +433,7 @@ class Engine:
         r.row = self.free_rows.popleft()
         self.running[r.row] = r
         small = self.model.make_cache(1, max_seq_len=len(r.prompt_ids))
-        if r.params.fraction is not None:
-            small.set_fraction(0, r.params.fraction)
+        small.set_fraction(0, *self._dial(r.params))
         self._long = (r, small, 0, [])
 
     def _prefill_long_chunk(self) -> None:
@@ -468,8 +490,7 @@ class Engine:
             tokens[i, : lens[i]] = torch.tensor(r.prompt_ids)
         small = self.model.make_cache(n, max_seq_len=max(lens))
         for i, r in enumerate(reqs):
-            if r.params.fraction is not None:
-                small.set_fraction(i, r.params.fraction)
+            small.set_fraction(i, *self._dial(r.params))
         logits, masks = prefill(self.model, small, tokens.to(self.device), lens, self.chunk_size)  # (n, V)
         # (R, n, T) host: which prompt tokens entered each routed layer
         chosen = torch.stack([masks[lid].cpu() for lid in self.routed_layer_ids]) if self.routed_layer_ids \
