@@ -270,6 +270,25 @@ def test_automodel_refuses_weights_that_do_not_match_the_routing(exported, tmp_p
         assert sorted(p.name for p in folder.iterdir()) == before
 
 
+def test_automodel_export_refuses_what_it_cannot_write_and_leaves_nothing(tmp_path, capsys):
+    """`mixdepth export` of a checkpoint whose tokenizer has no Hugging Face form (our BPE), or of a
+    model wider than bytes without a tokenizer: one line, exit 2, no --out folder."""
+    from mixdepth.cli import main
+    from mixdepth.data import BPETokenizer
+
+    model = MoDTransformer(ModelConfig.from_name("debug", vocab_size=300))
+    tok = BPETokenizer.train(["to be or not to be, that is the question"] * 20, vocab_size=300)
+    ck = save_checkpoint(tmp_path / "bpe", model, tokenizer=tok)
+    with pytest.raises(ValueError, match="vocab_size 300 needs its Hugging Face tokenizer"):
+        to_transformers(model, tmp_path / "direct")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["export", str(ck), "--out", str(tmp_path / "out" / "hf")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "bpe tokenizer has no Hugging Face form" in err[0], err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "direct").exists()
+
+
 # ---- Trainer, PEFT, lm-eval ----------------------------------------------------------------------
 def _pattern_batch(n: int, T: int = 32) -> torch.Tensor:
     """Rows of a repeated short byte pattern: a tiny model learns them in a few steps."""
