@@ -176,3 +176,36 @@ def test_a_row_prefilled_alone_and_copied_into_a_pool_decodes_as_alone():
     # the routed layers hold only the tokens that entered them
     routed = [i for i, layer in enumerate(pool.layers) if layer.routed]
     assert any(int(pool.layers[i].lengths[1]) < int(pool.seq_lengths[1]) for i in routed)
+
+
+def test_decoding_a_prefix_of_the_pool_equals_decoding_the_whole_pool():
+    """A server decodes over its busy rows only (`KVCache.prefix`); what the view changes, buffers it
+    grows included, comes back with `merge_prefix`."""
+    model = make_model()
+    x = torch.randint(0, 256, (4, 10), generator=torch.Generator().manual_seed(8))
+    whole, part = (model.make_cache(4, max_seq_len=64, routed_fraction=0.1) for _ in range(2))
+    for cache in (whole, part):
+        cache.set_fraction(0, 1.0, "hold")  # row 0 enters every routed block: its buffers must grow
+        cache.set_fraction(1, 0.3, "hold")
+        prefill(model, cache, x)
+        cache.reset_row(2)
+        cache.reset_row(3)
+    capacity = [layer.capacity for layer in part.layers]
+    active = torch.tensor([True, True])
+    for step in range(40):
+        tok = torch.tensor([step % 200 + 1, step % 100 + 3])
+        want, want_masks = decode_one(model, whole, torch.cat([tok, torch.zeros(2, dtype=torch.long)]),
+                                      torch.tensor([True, True, False, False]))
+        view = part.prefix(2)
+        got, got_masks = decode_one(model, view, tok, active)
+        part.merge_prefix(view)
+        torch.testing.assert_close(got, want[:2], rtol=1e-5, atol=1e-5)
+        assert all(torch.equal(got_masks[lid], want_masks[lid][:2]) for lid in got_masks)
+    assert any(layer.capacity > c for layer, c in zip(part.layers, capacity))  # a view grew a buffer
+    for a, b in zip(whole.layers, part.layers):
+        assert torch.equal(a.lengths, b.lengths)
+        n = int(a.lengths.max())
+        torch.testing.assert_close(a.k[:2, :, :n], b.k[:2, :, :n])
+    assert torch.equal(whole.seq_lengths, part.seq_lengths)
+    assert all((a.seen == b.seen).all() and (a.routed == b.routed).all()
+               for a, b in zip(whole.dial.layers.values(), part.dial.layers.values()))

@@ -270,6 +270,44 @@ class KVCache(_Accounting):
         if self.dial is not None and src.dial is not None:
             self.dial.copy_row(src.dial, src_row, dst_row)
 
+    def prefix(self, n: int) -> KVCache:
+        """A cache of the first n rows that shares this cache's buffers, e.g. a server's decode step
+        over its busy rows when they are the pool's first n (the idle rows cost nothing then). After
+        the step, `merge_prefix(view)` takes back what the view replaced (a grown buffer, the dial)."""
+        if not 1 <= n <= self.batch_size:
+            raise ValueError(f"a prefix of {n} rows of a cache of {self.batch_size}")
+        view = object.__new__(KVCache)
+        view.cfg, view.batch_size, view.max_seq_len = self.cfg, n, self.max_seq_len
+        view.layers = []
+        for layer in self.layers:
+            lv = object.__new__(LayerKV)
+            lv.routed, lv.max_len = layer.routed, layer.max_len
+            lv.k, lv.v, lv.lengths = layer.k[:n], layer.v[:n], layer.lengths[:n]
+            lv.positions = layer.positions[:n] if layer.positions is not None else None
+            view.layers.append(lv)
+        view.seq_lengths, view.last_ids = self.seq_lengths[:n], self.last_ids[:n]
+        view.dial = self.dial.prefix(n) if self.dial is not None else None
+        view._valid = None
+        return view
+
+    def merge_prefix(self, view: KVCache) -> None:
+        """Take back the state of a `prefix` view after a step (buffers it grew, fill lengths, the
+        last tokens, the dial)."""
+        n = view.batch_size
+        for layer, lv in zip(self.layers, view.layers):
+            if lv.capacity > layer.capacity:  # the view grew its own buffers: grow ours and copy the rows
+                layer.ensure(lv.capacity)
+            if lv.k.data_ptr() != layer.k.data_ptr() or lv.capacity != layer.capacity:
+                m = lv.capacity
+                layer.k[:n, :, :m], layer.v[:n, :, :m] = lv.k, lv.v
+                if layer.positions is not None:
+                    layer.positions[:n, :m] = lv.positions
+            layer.lengths[:n] = lv.lengths
+        self.seq_lengths[:n] = view.seq_lengths
+        self.last_ids[:n] = view.last_ids.to(self.last_ids.device)
+        if self.dial is not None:
+            self.dial.merge_prefix(view.dial)
+
     def fill_state(self) -> list[torch.Tensor]:
         """The fill lengths of every layer and row (host tensors), for `restore_fill`."""
         return [layer.lengths.clone() for layer in self.layers] + [self.last_ids.clone(), self.seq_lengths.clone()]

@@ -65,6 +65,16 @@ class LayerDial:
         self.window[b] = self.prior
         self.seen[b] = self.routed[b] = 0
 
+    def prefix(self, n: int) -> LayerDial:
+        view = object.__new__(LayerDial)
+        view.table, view.prior = self.table, self.prior
+        view.window, view.seen, view.routed = self.window[:n], self.seen[:n].copy(), self.routed[:n].copy()
+        return view
+
+    def merge_prefix(self, view: LayerDial) -> None:
+        n = view.seen.shape[0]
+        self.window[:n], self.seen[:n], self.routed[:n] = view.window, view.seen, view.routed
+
     def copy_row(self, src: LayerDial, src_row: int, dst_row: int) -> None:
         self.window[dst_row] = src.window[src_row]
         self.seen[dst_row], self.routed[dst_row] = src.seen[src_row], src.routed[src_row]
@@ -169,6 +179,16 @@ class Dial:
         self.hold[b] = True
         for layer in self.layers.values():
             layer.reset_row(b)
+
+    def prefix(self, n: int) -> Dial:
+        """The first n rows (`KVCache.prefix`); `merge_prefix` takes their state back."""
+        view = Dial({lid: layer.prefix(n) for lid, layer in self.layers.items()}, n, self.calibrated)
+        view.fraction, view.hold = self.fraction[:n].copy(), self.hold[:n].copy()
+        return view
+
+    def merge_prefix(self, view: Dial) -> None:
+        for lid, layer in self.layers.items():
+            layer.merge_prefix(view.layers[lid])
 
     def copy_row(self, src: Dial, src_row: int, dst_row: int) -> None:
         self.fraction[dst_row], self.hold[dst_row] = src.fraction[src_row], src.hold[src_row]

@@ -30,6 +30,7 @@ Dimensions: B pool rows, n requests prefilled together, T prompt tokens, V vocab
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import logging
 import threading
@@ -208,7 +209,9 @@ class Engine:
         self.routed_layer_ids = [layer.layer_id for layer in model.routed_layers]
         self.eos = {int(t) for t in getattr(tokenizer, "stop_ids", ()) if 0 <= int(t) < self.cfg.vocab_size}
         self.cache = model.make_cache(max_batch, max_seq_len=self.context)  # the pool
-        self.free_rows: deque[int] = deque(range(max_batch))
+        # free rows as a min-heap: a new request takes the lowest, so the busy rows stay the pool's
+        # first ones and a decode step runs over that prefix only (`KVCache.prefix`)
+        self.free_rows: list[int] = list(range(max_batch))
         self.running: dict[int, Request] = {}  # row -> request
         self.waiting: deque[Request] = deque()
         self._cond = threading.Condition()
@@ -430,7 +433,7 @@ class Engine:
         return admit, None
 
     def _start_long(self, r: Request) -> None:
-        r.row = self.free_rows.popleft()
+        r.row = heapq.heappop(self.free_rows)
         self.running[r.row] = r
         small = self.model.make_cache(1, max_seq_len=len(r.prompt_ids))
         small.set_fraction(0, *self._dial(r.params))
@@ -464,7 +467,7 @@ class Engine:
 
     def _prefill(self, reqs: list[Request]) -> None:
         for r in reqs:
-            r.row = self.free_rows.popleft()
+            r.row = heapq.heappop(self.free_rows)
             self.running[r.row] = r
         try:
             self._prefill_batch(reqs)
@@ -515,20 +518,27 @@ class Engine:
     def _decode(self) -> None:
         rows = sorted(b for b, r in self.running.items() if r.out_ids)  # not a long prompt still prefilling
         reqs = [self.running[b] for b in rows]
-        feed = torch.zeros(self.max_batch, dtype=torch.long)  # (B,) rows not in use feed padding
-        active = torch.zeros(self.max_batch, dtype=torch.bool)  # (B,) host
+        n = rows[-1] + 1  # the step runs over the pool's first n rows; idle rows among them are padding
+        feed = torch.zeros(n, dtype=torch.long)  # (n,)
+        active = torch.zeros(n, dtype=torch.bool)  # (n,) host
         for b, r in zip(rows, reqs):
             feed[b] = r.out_ids[-1]
             active[b] = True
+        cache = self.cache.prefix(n) if n < self.max_batch else self.cache
+        failed = None
         try:
-            logits, masks = decode_one(self.model, self.cache, feed.to(self.device), active)  # (B, V)
-        except Exception as e:  # the rows shared the step: they fail together
+            logits, masks = decode_one(self.model, cache, feed.to(self.device), active)  # (n, V)
+        except Exception as e:
             log.exception("decode step failed")
+            failed = e
+        if cache is not self.cache:
+            self.cache.merge_prefix(cache)
+        if failed is not None:  # the rows shared the step: they fail together
             for b in rows:
-                self._release(b, error=f"decode step failed: {e}")
+                self._release(b, error=f"decode step failed: {failed}")
             return
         chosen = torch.stack([masks[lid] for lid in self.routed_layer_ids]).cpu() if self.routed_layer_ids \
-            else torch.zeros(0, self.max_batch, dtype=torch.bool)  # (R, B)
+            else torch.zeros(0, n, dtype=torch.bool)  # (R, n)
         toks = self._sample(logits[rows], reqs)
         counts = chosen[:, rows].sum(0).tolist()  # (n,) routed layers each row's token went through
         per_layer = chosen[:, rows].sum(1).tolist()  # (R,)
@@ -600,7 +610,7 @@ class Engine:
         """End the request on `row` and give the row back to the pool, emptied."""
         r = self.running.pop(row)
         self.cache.reset_row(row)
-        self.free_rows.append(row)
+        heapq.heappush(self.free_rows, row)
         r.row = None
         self._end(r, finish_reason=finish_reason, error=error)
 
