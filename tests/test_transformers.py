@@ -369,11 +369,28 @@ doc_to_target: answer
 metric_list:
   - metric: acc
 """
+LM_EVAL_GEN_TASK = """task: mixdepth_local_gen
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{question}}}}"
+doc_to_target: "{{{{choices[answer]}}}}"
+generation_kwargs:
+  until: ["\\n"]
+  max_gen_toks: 8
+  do_sample: false
+metric_list:
+  - metric: exact_match
+"""
 
 
 def test_lm_eval_loglikelihoods_equal_ours(exported, tmp_path):
-    """lm-evaluation-harness (`--model hf`, trust_remote_code) on a local YAML task over a local
-    JSONL: it runs, and each log-likelihood it reports equals ours computed directly (causal mode)."""
+    """lm-evaluation-harness (`--model hf`, trust_remote_code) on local YAML tasks over a local
+    JSONL: it runs, each log-likelihood it reports equals ours computed directly (causal mode), and
+    its generation task (batched, left-padded `generate`) gives `mixdepth.generate`'s text."""
     lm_eval = pytest.importorskip("lm_eval")
     from lm_eval.tasks import TaskManager
 
@@ -384,9 +401,10 @@ def test_lm_eval_loglikelihoods_equal_ours(exported, tmp_path):
     data.write_text("".join(json.dumps(d) + "\n" for d in docs))
     (tmp_path / "tasks").mkdir()
     (tmp_path / "tasks" / "mixdepth_local.yaml").write_text(LM_EVAL_TASK.format(data=data))
+    (tmp_path / "tasks" / "mixdepth_local_gen.yaml").write_text(LM_EVAL_GEN_TASK.format(data=data))
     res = lm_eval.simple_evaluate(
         model="hf", model_args=f"pretrained={exported[2]},trust_remote_code=True,dtype=float32",
-        tasks=["mixdepth_local"], task_manager=TaskManager(include_path=str(tmp_path / "tasks")),
+        tasks=["mixdepth_local", "mixdepth_local_gen"], task_manager=TaskManager(include_path=str(tmp_path / "tasks")),
         batch_size=2, device="cpu", log_samples=True)
     samples = res["samples"]["mixdepth_local"]
     assert len(samples) == len(docs) and "acc,none" in res["results"]["mixdepth_local"]
@@ -403,6 +421,13 @@ def test_lm_eval_loglikelihoods_equal_ours(exported, tmp_path):
             assert abs(float(resp[0][0]) - ours) < 1e-4, (context, continuation, resp, ours)
             checked += 1
     assert checked == 7
+    gens = res["samples"]["mixdepth_local_gen"]
+    assert len(gens) == len(docs)
+    for s in gens:
+        context = s["arguments"][0][0]
+        new_tokens = generate(model, [list(context.encode())], max_new_tokens=8).run().tokens[0]
+        want = bytes(new_tokens).decode("utf-8", errors="replace").split("\n")[0]
+        assert s["resps"][0][0] == want, (context, s["resps"], want)
 
 
 # ---- the real checkpoint (slow) ------------------------------------------------------------------

@@ -89,10 +89,15 @@ def to_hf(model, folder: str | Path, tokenizer_dir: str | Path | None = None) ->
 
 
 # ---- the routed model in transformers (format transformers) --------------------------------------
+BYTE_END = 0
+"""The exported byte tokenizer's end-of-text (and padding) token: byte 0, which text never holds."""
+
+
 def byte_tokenizer_files(folder: Path) -> None:
     """A transformers tokenizer for our byte tokenizer: token id = byte value (GPT-2's byte-to-character
-    map, no merges), so `AutoTokenizer` encodes text as `ByteTokenizer` does; pad and bos are byte 0,
-    never added to the text."""
+    map, no merges), so `AutoTokenizer` encodes text as `ByteTokenizer` does. Byte 0 (NUL, absent
+    from text) is its bos, eos and pad token, which tools ask for (lm-eval's prefix and end-of-text
+    tokens); nothing adds it to the text."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     chars = _bytes_to_unicode()
@@ -100,10 +105,8 @@ def byte_tokenizer_files(folder: Path) -> None:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
     tok.save(str(folder / "tokenizer.json"))
-    # byte 0 names the pad and bos tokens (tools ask for them: lm-eval's prefix token); nothing adds it
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "pad_token": chars[0], "bos_token": chars[0],
-              "model_max_length": 10**9,
-              "clean_up_tokenization_spaces": False}
+              "eos_token": chars[0], "model_max_length": 10**9, "clean_up_tokenization_spaces": False}
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=1) + "\n")
 
 
@@ -125,8 +128,8 @@ def _write_transformers_folder(model, folder: Path, tokenizer) -> None:
 
     from .modeling import MixdepthForCausalLM
 
-    gen = dict(tokenizer.generation_config) if tokenizer is not None else {}
-    stop = list(getattr(tokenizer, "stop_ids", []) or [])
+    gen = dict(tokenizer.generation_config) if tokenizer is not None else {"pad_token_id": BYTE_END}
+    stop = list(getattr(tokenizer, "stop_ids", []) or []) if tokenizer is not None else [BYTE_END]
     tokens = {k: gen.get(k) for k in ("bos_token_id", "pad_token_id")}
     tokens["eos_token_id"] = (stop[0] if len(stop) == 1 else stop) if stop else None
     wrapper = MixdepthForCausalLM.from_model(model, **{k: v for k, v in tokens.items() if v is not None})
