@@ -209,3 +209,25 @@ def test_decoding_a_prefix_of_the_pool_equals_decoding_the_whole_pool():
     assert torch.equal(whole.seq_lengths, part.seq_lengths)
     assert all((a.seen == b.seen).all() and (a.routed == b.routed).all()
                for a, b in zip(whole.dial.layers.values(), part.dial.layers.values()))
+
+
+def test_eval_compare_rules_measures_both_rules_on_the_same_windows(tmp_path, capsys):
+    import json
+
+    from mixdepth.checkpoint import save_checkpoint
+    from mixdepth.cli import main
+
+    model = make_model(fraction=0.5, low=True)
+    save_checkpoint(tmp_path / "ck", model)
+    text = tmp_path / "text.txt"
+    text.write_text("".join(chr(0x400 + i % 97) for i in range(4000)))  # UTF-8 bytes >= 128: unlike calibration
+    code = main(["eval", "--checkpoint", str(tmp_path / "ck"), "--data", str(text), "--compare-rules", "0.25,0.5",
+                 "--batches", "2", "--batch-size", "2", "--seq-len", "64", "--json", str(tmp_path / "r.json")])
+    out = capsys.readouterr().out
+    assert code == 0 and "| 0.25 |" in out and "| 0.5 |" in out
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["windows"] == 4 and [row["fraction"] for row in r["rows"]] == [0.25, 0.5]
+    for row in r["rows"]:
+        assert row["diff"] == pytest.approx(row["hold"]["loss"] - row["threshold"]["loss"], abs=1e-6)
+        assert row["hold"]["off_max"] <= 0.05 + 1 / 64
+    assert max(row["threshold"]["off_max"] for row in r["rows"]) > 0.05  # the threshold drifts on this text

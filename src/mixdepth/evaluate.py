@@ -47,6 +47,24 @@ def _mean_lists(rows: list[list[float]]) -> list[float]:
     return [sum(r[i] for r in rows) / len(rows) for i in range(len(rows[0]))]
 
 
+def _load_for_eval(checkpoint, data: str | None, seq_len: int | None, device, cache_dir):
+    """(checkpoint folder, model, corpus name, its tokens, window length): the corpus the run
+    trained on unless `data` names one, windows of the training length unless `seq_len`."""
+    ckpt = verify_checkpoint(checkpoint)
+    trainer = read_json_file(ckpt / "trainer.json") if (ckpt / "trainer.json").exists() else {}
+    source = data or trainer.get("data")
+    if not source:
+        raise ValueError(f"checkpoint {ckpt} does not say which corpus it trained on; pass --data")
+    model = load_model(ckpt, device)
+    cfg = model.cfg
+    T = seq_len if seq_len is not None else trainer.get("seq_len") or cfg.max_seq_len
+    if not 1 <= T <= cfg.max_seq_len:
+        raise ValueError(f"seq_len must be in [1, model.max_seq_len={cfg.max_seq_len}], got {T}")
+    tokens = prepare_corpus(source, load_tokenizer(ckpt), cache_dir)
+    tokens.check_fits(T, cfg.vocab_size)
+    return ckpt, model, source, tokens, T
+
+
 @torch.no_grad()
 def run_eval(checkpoint: str | Path, *, data: str | None = None, batches: int = 20, seq_len: int | None = None,
              batch_size: int = 8, device: str = "auto", cache_dir: str | None = None,
@@ -76,20 +94,8 @@ def run_eval(checkpoint: str | Path, *, data: str | None = None, batches: int = 
     if batches < 1 or batch_size < 1:
         raise ValueError(f"batches and batch_size must be >= 1, got {batches} and {batch_size}")
     device = resolve_device(device)
-    ckpt = verify_checkpoint(checkpoint)
-    trainer = {}
-    if (ckpt / "trainer.json").exists():
-        trainer = read_json_file(ckpt / "trainer.json")
-    source = data or trainer.get("data")
-    if not source:
-        raise ValueError(f"checkpoint {ckpt} does not say which corpus it trained on; pass --data")
-    model = load_model(ckpt, device)
+    ckpt, model, source, tokens, T = _load_for_eval(checkpoint, data, seq_len, device, cache_dir)
     cfg = model.cfg
-    T = seq_len if seq_len is not None else trainer.get("seq_len") or cfg.max_seq_len
-    if not 1 <= T <= cfg.max_seq_len:
-        raise ValueError(f"seq_len must be in [1, model.max_seq_len={cfg.max_seq_len}], got {T}")
-    tokens = prepare_corpus(source, load_tokenizer(ckpt), cache_dir)
-    tokens.check_fits(T, cfg.vocab_size)
     starts = tokens.eval_offsets(T, batches * batch_size)
 
     causal_ok = model.can_decode_causally
@@ -181,13 +187,7 @@ def compare_fraction_rules(checkpoint: str | Path, fractions: list[float], *, da
     well a rule holds the dial on this text).
     """
     device = resolve_device(device)
-    ckpt = verify_checkpoint(checkpoint)
-    trainer = read_json_file(ckpt / "trainer.json") if (ckpt / "trainer.json").exists() else {}
-    source = data or trainer.get("data")
-    if not source:
-        raise ValueError(f"checkpoint {ckpt} does not say which corpus it trained on; pass --data")
-    model = load_model(ckpt, device)
-    cfg = model.cfg
+    ckpt, model, source, tokens, T = _load_for_eval(checkpoint, data, seq_len, device, cache_dir)
     if not model.routed_layers or not model.can_decode_causally:
         raise ValueError("comparing fraction rules needs routed layers with a causal rule")
     if not model.calibrated:
@@ -195,11 +195,6 @@ def compare_fraction_rules(checkpoint: str | Path, fractions: list[float], *, da
     for f in fractions:
         if not 0 <= f <= 1:
             raise ValueError(f"fractions must be in [0, 1], got {f}")
-    T = seq_len if seq_len is not None else trainer.get("seq_len") or cfg.max_seq_len
-    if not 1 <= T <= cfg.max_seq_len:
-        raise ValueError(f"seq_len must be in [1, model.max_seq_len={cfg.max_seq_len}], got {T}")
-    tokens = prepare_corpus(source, load_tokenizer(ckpt), cache_dir)
-    tokens.check_fits(T, cfg.vocab_size)
     starts = tokens.eval_offsets(T, batches * batch_size)
     rows = []
     for f in fractions:
