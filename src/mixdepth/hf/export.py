@@ -106,7 +106,8 @@ def byte_tokenizer_files(folder: Path) -> None:
     tok.decoder = decoders.ByteLevel()
     tok.save(str(folder / "tokenizer.json"))
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "pad_token": chars[0], "bos_token": chars[0],
-              "eos_token": chars[0], "model_max_length": 10**9, "clean_up_tokenization_spaces": False}
+              "eos_token": chars[0], "model_max_length": 10**9, "clean_up_tokenization_spaces": False,
+              "model_input_names": ["input_ids", "attention_mask"]}
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=1) + "\n")
 
 
