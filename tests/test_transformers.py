@@ -106,7 +106,7 @@ def test_transformers_generate_holds_the_compute_dial_per_call(exported, hf_mode
     model = exported[0]
     p = PROMPTS[0]
     before = [layer.causal_threshold.clone() for layer in hf_model.model.routed_layers]
-    for f, rule in ((0.2, None), (0.9, "threshold")):
+    for f, rule in ((0.2, "hold"), (0.9, "threshold"), (0.5, None)):
         res = generate(model, [p], max_new_tokens=10, fraction=f, fraction_rule=rule).run()
         cache = MixdepthCache(hf_model.model, 64)
         out = hf_model.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False, cache=cache,
@@ -117,14 +117,28 @@ def test_transformers_generate_holds_the_compute_dial_per_call(exported, hf_mode
     low, high = (generate(model, [p], max_new_tokens=10, fraction=f).run() for f in (0.2, 0.9))
     assert sum(low.routed_fraction.values()) < sum(high.routed_fraction.values())
     config = transformers.GenerationConfig(max_new_tokens=10, do_sample=False, mixdepth_fraction=0.2)
-    cache = MixdepthCache(hf_model.model, 64)
     out = hf_model.generate(torch.tensor([p]), generation_config=config)
     assert out[0, len(p):].tolist() == low.tokens[0]
     assert all(torch.equal(a, layer.causal_threshold) for a, layer in zip(before, hf_model.model.routed_layers))
-    with pytest.raises(ValueError, match="beam search"):
-        hf_model.generate(torch.tensor([p]), max_new_tokens=2, num_beams=2, do_sample=False)
+    with pytest.raises(ValueError, match="beam search with a held routed fraction"):
+        hf_model.generate(torch.tensor([p]), max_new_tokens=3, num_beams=2, do_sample=False, mixdepth_fraction=0.5,
+                          mixdepth_fraction_rule="hold")
     with pytest.raises(ValueError, match="cache_implementation"):
         hf_model.generate(torch.tensor([p]), max_new_tokens=2, cache_implementation="static")
+
+
+def test_transformers_beam_search_reorders_the_cache_rows(hf_model):
+    """Beam search over a left-padded batch: with the cache (rows reordered whole, each with its own
+    fill lengths) it gives the beams of the full recomputation without a cache, at the calibrated
+    thresholds and at a threshold fraction."""
+    ids, mask = _left_pad(PROMPTS)
+    for extra in ({}, {"mixdepth_fraction": 0.6, "mixdepth_fraction_rule": "threshold"}):
+        kw = dict(attention_mask=mask, max_new_tokens=8, num_beams=3, num_return_sequences=2, do_sample=False,
+                  pad_token_id=0, **extra)
+        cached = hf_model.generate(ids, **kw)
+        full = hf_model.generate(ids, use_cache=False, **kw)
+        assert cached.shape == (6, ids.shape[1] + 8) and torch.equal(cached, full)
+        assert len({tuple(r) for r in cached[:, ids.shape[1]:].tolist()}) > 3  # beams differ
 
 
 # ---- logits and losses ---------------------------------------------------------------------------

@@ -10,9 +10,10 @@ positions count its real tokens only, as `mixdepth.generate` counts them.
 The routed fraction of a generation is generation state too: `fraction` (with `fraction_rule`)
 is set on the cache when it is made, never on the model (`fraction_routing`).
 
-What the layer-list API of transformers' caches offers and this cache does not: beam search and
-assisted decoding (they reorder or crop rows; a routed layer's rows hold different numbers of
-tokens), offloading, static shapes for `torch.compile`. Those raise a one-line `ValueError`.
+Beam search reorders whole rows (`reorder_cache`), which carry their own fill lengths. What
+transformers' layer-list caches offer and this cache does not: cropping (assisted decoding: a
+routed layer's rows hold different numbers of tokens), offloading, static shapes for
+`torch.compile`; those raise a one-line `ValueError`, as does beam search with a held fraction.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ class MixdepthCache(Cache):
             self.thresholds, hold = fraction_routing(model, self.fraction, self.fraction_rule)
             self.kv = model.make_cache(batch_size, self.max_seq_len, routed_fraction=self.fraction)
             if hold:
-                self.kv.set_fraction(None, self.fraction)
+                self.kv.set_fraction(None, self.fraction, "hold")
         elif self.kv.batch_size != batch_size:
             raise ValueError(f"the mixdepth cache holds {self.kv.batch_size} rows, the input {batch_size}")
         return self.kv
@@ -103,22 +104,40 @@ class MixdepthCache(Cache):
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         raise ValueError("MixdepthCache is filled by MixdepthForCausalLM's forward, not by Cache.update")
 
-    def _unsupported(self, what: str):
-        raise ValueError(f"{what} is not supported by the mixdepth cache (the rows of a routed layer hold different "
-                         "numbers of tokens); use greedy decoding or sampling")
-
+    # ---- rows: beam search reorders them ----------------------------------------------------------
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._unsupported("beam search")
+        """Beam search: row i continues what row `beam_idx[i]` held (keys, values, fill lengths)."""
+        if self.kv is not None:
+            self._select_rows(beam_idx)
 
-    def crop(self, max_length: int) -> None:
-        self._unsupported("cropping the cache (assisted decoding)")
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.kv is not None:
+            self._select_rows(indices)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.kv is not None:
-            self._unsupported("expanding a filled cache")
+            self._select_rows(torch.arange(self.kv.batch_size).repeat_interleave(repeats))
 
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._unsupported("selecting rows of the cache")
+    def _select_rows(self, idx: torch.Tensor) -> None:
+        # rows are copied whole: each row's buffers hold its own routed tokens, so a row moves with
+        # its fill lengths (a routed layer's rows hold different numbers of tokens)
+        kv = self.kv
+        dial = getattr(kv, "dial", None)
+        if dial is not None and dial.active:
+            raise ValueError("beam search with a held routed fraction (the hold rule) is not supported; "
+                             "pass mixdepth_fraction_rule='threshold' or sample")
+        host = torch.as_tensor(idx, dtype=torch.long).cpu()
+        dev = host.to(kv.last_ids.device)
+        for layer in kv.layers:
+            layer.k, layer.v = layer.k.index_select(0, dev), layer.v.index_select(0, dev)
+            if layer.positions is not None:
+                layer.positions = layer.positions.index_select(0, dev)
+            layer.lengths = layer.lengths[host]
+        kv.seq_lengths, kv.last_ids, kv.batch_size = kv.seq_lengths[host], kv.last_ids[dev], len(host)
+
+    def crop(self, max_length: int) -> None:
+        raise ValueError("cropping the cache (assisted or speculative decoding) is not supported by the mixdepth "
+                         "cache: a routed layer's rows hold different numbers of tokens; use greedy, sampling or beams")
 
     # ---- statistics ------------------------------------------------------------------------------
     def routed_counts(self) -> dict[int, torch.Tensor]:

@@ -125,9 +125,6 @@ class MixdepthForCausalLM(PreTrainedModel, GenerationMixin):
     # ---- generation -------------------------------------------------------------------------------
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
                                       max_cache_length, *args, **kwargs) -> None:
-        if getattr(generation_config, "num_beams", 1) > 1:
-            raise ValueError("beam search is not supported by MixdepthForCausalLM (a routed layer's rows hold "
-                             "different numbers of tokens); use greedy decoding or sampling")
         if generation_config.cache_implementation not in (None, "dynamic"):
             raise ValueError(f"cache_implementation {generation_config.cache_implementation!r} is not supported by "
                              "MixdepthForCausalLM: it decodes with its own cache (MixdepthCache)")
