@@ -90,6 +90,10 @@ def test_transformers_generate_equals_mixdepth_generate_and_skips_in_the_cache(e
         assert all(0 < e < f for e, f in zip(entered, fed))  # skipped some, ran some, in every row
     for lid in (0, 2):
         assert kv.layers[lid].lengths.tolist() == fed
+    # without a cache (full recomputation) and with chunked prefill: the same tokens
+    for kw in ({"use_cache": False}, {"prefill_chunk_size": 5}):
+        again = hf_model.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=0, **kw)
+        assert again[:, ids.shape[1]:].tolist() == want.tokens, kw
     # sampling skips too; `pipeline` gives the greedy text
     cache = MixdepthCache(hf_model.model, ids.shape[1] + n)
     hf_model.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=True, top_k=20, pad_token_id=0, cache=cache)
