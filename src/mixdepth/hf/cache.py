@@ -134,6 +134,8 @@ class MixdepthCache(Cache):
                 layer.positions = layer.positions.index_select(0, dev)
             layer.lengths = layer.lengths[host]
         kv.seq_lengths, kv.last_ids, kv.batch_size = kv.seq_lengths[host], kv.last_ids[dev], len(host)
+        if dial is not None:  # no row holds a fraction: a fresh dial of the new size is the same state
+            kv.dial = self._model.make_dial(len(host))
 
     def crop(self, max_length: int) -> None:
         raise ValueError("cropping the cache (assisted or speculative decoding) is not supported by the mixdepth "
