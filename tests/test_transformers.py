@@ -124,9 +124,6 @@ def test_transformers_generate_holds_the_compute_dial_per_call(exported, hf_mode
     out = hf_model.generate(torch.tensor([p]), generation_config=config)
     assert out[0, len(p):].tolist() == low.tokens[0]
     assert all(torch.equal(a, layer.causal_threshold) for a, layer in zip(before, hf_model.model.routed_layers))
-    with pytest.raises(ValueError, match="beam search with a held routed fraction"):
-        hf_model.generate(torch.tensor([p]), max_new_tokens=3, num_beams=2, do_sample=False, mixdepth_fraction=0.5,
-                          mixdepth_fraction_rule="hold")
     with pytest.raises(ValueError, match="cache_implementation"):
         hf_model.generate(torch.tensor([p]), max_new_tokens=2, cache_implementation="static")
 
@@ -134,9 +131,11 @@ def test_transformers_generate_holds_the_compute_dial_per_call(exported, hf_mode
 def test_transformers_beam_search_reorders_the_cache_rows(hf_model):
     """Beam search over a left-padded batch: with the cache (rows reordered whole, each with its own
     fill lengths) it gives the beams of the full recomputation without a cache, at the calibrated
-    thresholds and at a threshold fraction."""
+    thresholds, at a threshold fraction and at a fraction held by the hold rule (each row's dial
+    state moves with it)."""
     ids, mask = _left_pad(PROMPTS)
-    for extra in ({}, {"mixdepth_fraction": 0.6, "mixdepth_fraction_rule": "threshold"}):
+    for extra in ({}, {"mixdepth_fraction": 0.6, "mixdepth_fraction_rule": "threshold"},
+                  {"mixdepth_fraction": 0.3, "mixdepth_fraction_rule": "hold"}):
         kw = dict(attention_mask=mask, max_new_tokens=8, num_beams=3, num_return_sequences=2, do_sample=False,
                   pad_token_id=0, **extra)
         cached = hf_model.generate(ids, **kw)

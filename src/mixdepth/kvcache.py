@@ -270,6 +270,23 @@ class KVCache(_Accounting):
         if self.dial is not None and src.dial is not None:
             self.dial.copy_row(src.dial, src_row, dst_row)
 
+    def select_rows(self, idx: torch.Tensor | list[int]) -> None:
+        """Make row i hold what row idx[i] held (keys, values, fill lengths, last token, dial); the
+        batch size becomes len(idx). Beam search reorders and repeats rows this way; rows move whole,
+        since a routed layer's rows hold different numbers of tokens."""
+        host = torch.as_tensor(idx, dtype=torch.long).cpu()
+        if host.dim() != 1 or host.numel() == 0 or int(host.min()) < 0 or int(host.max()) >= self.batch_size:
+            raise ValueError(f"row indices must be a non-empty list in [0, {self.batch_size}), got {host.tolist()}")
+        dev = host.to(self.last_ids.device)
+        for layer in self.layers:
+            layer.k, layer.v = layer.k.index_select(0, dev), layer.v.index_select(0, dev)
+            if layer.positions is not None:
+                layer.positions = layer.positions.index_select(0, dev)
+            layer.lengths = layer.lengths[host]
+        self.seq_lengths, self.last_ids, self.batch_size = self.seq_lengths[host], self.last_ids[dev], len(host)
+        if self.dial is not None:
+            self.dial.select_rows(host.numpy())
+
     def prefix(self, n: int) -> KVCache:
         """A cache of the first n rows that shares this cache's buffers, e.g. a server's decode step
         over its busy rows when they are the pool's first n (the idle rows cost nothing then). After

@@ -13,7 +13,7 @@ is set on the cache when it is made, never on the model (`fraction_routing`).
 Beam search reorders whole rows (`reorder_cache`), which carry their own fill lengths. What
 transformers' layer-list caches offer and this cache does not: cropping (assisted decoding: a
 routed layer's rows hold different numbers of tokens), offloading, static shapes for
-`torch.compile`; those raise a one-line `ValueError`, as does beam search with a held fraction.
+`torch.compile`; those raise a one-line `ValueError`.
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ class MixdepthCache(Cache):
 
     # ---- rows: beam search reorders them ----------------------------------------------------------
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        """Beam search: row i continues what row `beam_idx[i]` held (keys, values, fill lengths)."""
+        """Beam search: row i continues what row `beam_idx[i]` held (keys, values, fill lengths, dial)."""
         if self.kv is not None:
             self._select_rows(beam_idx)
 
@@ -119,23 +119,7 @@ class MixdepthCache(Cache):
             self._select_rows(torch.arange(self.kv.batch_size).repeat_interleave(repeats))
 
     def _select_rows(self, idx: torch.Tensor) -> None:
-        # rows are copied whole: each row's buffers hold its own routed tokens, so a row moves with
-        # its fill lengths (a routed layer's rows hold different numbers of tokens)
-        kv = self.kv
-        dial = getattr(kv, "dial", None)
-        if dial is not None and dial.active:
-            raise ValueError("beam search with a held routed fraction (the hold rule) is not supported; "
-                             "pass mixdepth_fraction_rule='threshold' or sample")
-        host = torch.as_tensor(idx, dtype=torch.long).cpu()
-        dev = host.to(kv.last_ids.device)
-        for layer in kv.layers:
-            layer.k, layer.v = layer.k.index_select(0, dev), layer.v.index_select(0, dev)
-            if layer.positions is not None:
-                layer.positions = layer.positions.index_select(0, dev)
-            layer.lengths = layer.lengths[host]
-        kv.seq_lengths, kv.last_ids, kv.batch_size = kv.seq_lengths[host], kv.last_ids[dev], len(host)
-        if dial is not None:  # no row holds a fraction: a fresh dial of the new size is the same state
-            kv.dial = self._model.make_dial(len(host))
+        self.kv.select_rows(idx)  # whole rows, with their fill lengths and dial state
 
     def crop(self, max_length: int) -> None:
         raise ValueError("cropping the cache (assisted or speculative decoding) is not supported by the mixdepth "

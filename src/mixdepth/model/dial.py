@@ -65,6 +65,10 @@ class LayerDial:
         self.window[b] = self.prior
         self.seen[b] = self.routed[b] = 0
 
+    def select_rows(self, idx: np.ndarray) -> None:
+        self.window = self.window[torch.from_numpy(idx).to(self.window.device)]
+        self.seen, self.routed = self.seen[idx], self.routed[idx]
+
     def prefix(self, n: int) -> LayerDial:
         view = object.__new__(LayerDial)
         view.table, view.prior = self.table, self.prior
@@ -179,6 +183,12 @@ class Dial:
         self.hold[b] = True
         for layer in self.layers.values():
             layer.reset_row(b)
+
+    def select_rows(self, idx: np.ndarray) -> None:
+        """Row i takes row idx[i]'s state (`KVCache.select_rows`)."""
+        self.fraction, self.hold = self.fraction[idx], self.hold[idx]
+        for layer in self.layers.values():
+            layer.select_rows(idx)
 
     def prefix(self, n: int) -> Dial:
         """The first n rows (`KVCache.prefix`); `merge_prefix` takes their state back."""
