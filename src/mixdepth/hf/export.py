@@ -18,14 +18,12 @@ Both are written to a temporary folder and renamed into place: a failure leaves 
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 from ..config import ModelConfig
 from .convert import state_dict_to_hf
 from .families import HF_CLASSES, ROUTING_CONFIG, ROUTING_FILE, _transformers, hf_config_dict
-from .publish import _fresh_out, _publish, _remove_new_parents
+from .publish import write_folder
 
 FORMATS = ("transformers", "llama")
 """`mixdepth export --format`: the routed model in transformers, or the dense function as its family's class."""
@@ -74,18 +72,9 @@ def to_hf(model, folder: str | Path, tokenizer_dir: str | Path | None = None) ->
     """
     from ..data import HFTokenizer
 
-    out, created = _fresh_out(folder)
     has_tokenizer = tokenizer_dir is not None and (Path(tokenizer_dir) / "tokenizer.json").exists()
     tokenizer = HFTokenizer.from_folder(tokenizer_dir) if has_tokenizer else None
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp"))
-    try:
-        _write_hf_folder(model, tmp, tokenizer)
-        _publish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        _remove_new_parents(created)
-        raise
-    return out
+    return write_folder(folder, lambda tmp: _write_hf_folder(model, tmp, tokenizer))
 
 
 # ---- the routed model in transformers (format transformers) --------------------------------------
@@ -156,16 +145,7 @@ def to_transformers(model, folder: str | Path, tokenizer=None) -> Path:
     if tokenizer is None and model.cfg.vocab_size != 256:
         raise ValueError(f"a model of vocab_size {model.cfg.vocab_size} needs its Hugging Face tokenizer to export "
                          "(byte-level covers 256 tokens)")
-    out, created = _fresh_out(folder)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp"))
-    try:
-        _write_transformers_folder(model, tmp, tokenizer)
-        _publish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        _remove_new_parents(created)
-        raise
-    return out
+    return write_folder(folder, lambda tmp: _write_transformers_folder(model, tmp, tokenizer))
 
 
 def export(ckpt: str | Path, out: str | Path, format: str = "transformers") -> Path:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from ..files import fsync_dir, fsync_file
@@ -42,3 +45,18 @@ def _publish(tmp: Path, out: Path, *, synced: bool = False) -> None:
         out.rmdir()  # empty (checked first)
     os.replace(tmp, out)
     fsync_dir(out.parent)
+
+
+def write_folder(folder: str | Path, write: Callable[[Path], None]) -> Path:
+    """`write(tmp)` into a temporary folder beside `folder` (new or empty), then rename it into
+    place; on failure nothing is left (the temporary folder and the parents made for it go)."""
+    out, created = _fresh_out(folder)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp"))
+    try:
+        write(tmp)
+        _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_new_parents(created)
+        raise
+    return out
