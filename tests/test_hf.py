@@ -86,11 +86,14 @@ def test_hf_capacity_one_topk_equals_the_source(pair):
 
 
 def test_hf_greedy_generation_equals_hf_generate(pair):
-    """32 greedy tokens, prompts of different lengths in one batch, each equal to HF's single run."""
+    """32 greedy tokens, prompts of different lengths in one batch, each equal to HF's single run, with
+    no fraction asked: a fresh conversion was never calibrated, and the library's one rule for that
+    is every token through every block (issue 28: with threshold 0 these matched on 0-3 of 24)."""
     case, hf, model = pair
+    assert not model.calibrated
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, V, (n,), generator=g).tolist() for n in (7, 12)]
-    stream = generate(model, prompts, max_new_tokens=32, fraction=1.0)
+    stream = generate(model, prompts, max_new_tokens=32)
     for _ in stream:
         pass
     for b, p in enumerate(prompts):
