@@ -138,11 +138,12 @@ class LayerDial:
 
 
 class Dial:
-    """Per-row routed fractions held by the `hold` rule, with one `LayerDial` per routed layer.
+    """Per-row routed fractions and their rule (`hold` or `threshold`), with one `LayerDial` per
+    routed layer.
 
     Made by `MoDTransformer.make_dial` (for a forward without a cache) or kept by a `KVCache`
     (`KVCache.set_fraction`). A row whose fraction is NaN does not use the dial: its layers use
-    their threshold.
+    the calibrated threshold (or the call's `thresholds`).
     """
 
     def __init__(self, layers: dict[int, LayerDial], batch_size: int, calibrated: bool = True) -> None:
