@@ -254,6 +254,30 @@ except ValueError as e:
     assert refused.returncode == 0 and "custom code" in refused.stdout, refused.stdout + refused.stderr[-2000:]
 
 
+def test_automodel_save_pretrained_after_remote_code_writes_a_folder_remote_code_loads(exported, tmp_path):
+    """A model loaded through remote code (mixdepth not imported first) saves (`save_pretrained`, as
+    Trainer and a merged PEFT model do) a folder with the remote-code files its `auto_map` names,
+    which a fresh process loads with trust_remote_code=True."""
+    save = _python(r"""
+import sys
+from transformers import AutoModelForCausalLM
+AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).save_pretrained(sys.argv[2])
+""", str(exported[2]), str(tmp_path / "saved"))
+    assert save.returncode == 0, save.stderr[-2000:]
+    auto_map = json.loads((tmp_path / "saved" / "config.json").read_text())["auto_map"]
+    for name in ("configuration_mixdepth.py", "modeling_mixdepth.py"):
+        assert (tmp_path / "saved" / name).read_text() == (exported[2] / name).read_text()
+        assert any(v.startswith(name.removesuffix(".py") + ".") for v in auto_map.values())
+    load = _python(r"""
+import sys
+from transformers import AutoModelForCausalLM
+m = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)
+print(type(m).__module__, type(m).__name__)
+""", str(tmp_path / "saved"))
+    assert load.returncode == 0, load.stderr[-2000:]
+    assert load.stdout.split() == ["mixdepth.hf.modeling", "MixdepthForCausalLM"]
+
+
 def test_automodel_refuses_weights_that_do_not_match_the_routing(exported, tmp_path):
     """A folder whose weights lack a router or calibration tensor, or whose config routes other
     layers than the weights: one clear ValueError from `from_pretrained` and from our loader, and
@@ -336,6 +360,7 @@ def test_trainer_trains_routers_and_its_checkpoint_reloads(exported, tmp_path):
     assert len(losses) == 12 and losses[-1] < 0.8 * losses[0], losses
     assert grads and all(g > 0 for g in grads)
     ckpt = tmp_path / "run" / "checkpoint-12"
+    assert (ckpt / "modeling_mixdepth.py").is_file() and (ckpt / "configuration_mixdepth.py").is_file()
     again = transformers.AutoModelForCausalLM.from_pretrained(str(ckpt), trust_remote_code=True).eval()
     model.eval()
     with torch.no_grad():

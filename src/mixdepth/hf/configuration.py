@@ -2,15 +2,31 @@
 
 Its own module, light to import (transformers' config classes only): registering it with
 `AutoConfig` must not load the modeling code (`mixdepth.hf.register`).
+
+Every `save_pretrained` (of the config, so of the model, a Trainer checkpoint or a merged PEFT model
+too) writes the two remote-code files `auto_map` names, which import the installed package.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from transformers import PretrainedConfig
 
 from ..config import ModelConfig
 
 MODEL_TYPE = "mixdepth"
+_REMOTE = '"""mixdepth\'s {what} for transformers\' remote code: the installed package holds it."""\n\n{code}'
+REMOTE_CODE = {
+    "configuration_mixdepth.py": _REMOTE.format(what="config", code="from mixdepth.hf.configuration import "
+                                                "MixdepthConfig\n\n__all__ = [\"MixdepthConfig\"]\n"),
+    "modeling_mixdepth.py": _REMOTE.format(what="model", code="from mixdepth.hf.modeling import MixdepthConfig, "
+                                           "MixdepthForCausalLM\n\n__all__ = [\"MixdepthConfig\", "
+                                           "\"MixdepthForCausalLM\"]\n"),
+}
+"""The two files `auto_map` names: they import the installed package (no second copy of the model code)."""
+AUTO_MAP = {"AutoConfig": "configuration_mixdepth.MixdepthConfig",
+            "AutoModelForCausalLM": "modeling_mixdepth.MixdepthForCausalLM"}
 
 
 class MixdepthConfig(PretrainedConfig):
@@ -54,6 +70,20 @@ class MixdepthConfig(PretrainedConfig):
         self.max_position_embeddings, self.rms_norm_eps = cfg.max_seq_len, cfg.norm_eps
         self.tie_word_embeddings = cfg.tie_embeddings
         super().__post_init__(**kwargs)
+        self.auto_map = dict(AUTO_MAP)  # the files save_pretrained writes
+
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
+        """transformers' `save_pretrained`, and beside config.json the remote-code files (`REMOTE_CODE`)."""
+        out = super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
+        for name, text in REMOTE_CODE.items():
+            (Path(save_directory) / name).write_text(text)
+        return out
+
+    @classmethod
+    def register_for_auto_class(cls, auto_class="AutoConfig") -> None:
+        """Nothing: transformers calls this after loading remote code so that `save_pretrained` copies
+        the class's source file, whose relative imports break outside the package; `save_pretrained`
+        writes the remote-code files itself."""
 
     @property
     def model_config(self) -> ModelConfig:

@@ -27,17 +27,6 @@ from .publish import write_folder
 
 FORMATS = ("transformers", "llama")
 """`mixdepth export --format`: the routed model in transformers, or the dense function as its family's class."""
-_REMOTE = '"""mixdepth\'s {what} for transformers\' remote code: the installed package holds it."""\n\n{code}'
-REMOTE_CODE = {
-    "configuration_mixdepth.py": _REMOTE.format(what="config", code="from mixdepth.hf.configuration import "
-                                                "MixdepthConfig\n\n__all__ = [\"MixdepthConfig\"]\n"),
-    "modeling_mixdepth.py": _REMOTE.format(what="model", code="from mixdepth.hf.modeling import MixdepthConfig, "
-                                           "MixdepthForCausalLM\n\n__all__ = [\"MixdepthConfig\", "
-                                           "\"MixdepthForCausalLM\"]\n"),
-}
-"""The two files `auto_map` names: they import the installed package (no second copy of the model code)."""
-AUTO_MAP = {"AutoConfig": "configuration_mixdepth.MixdepthConfig",
-            "AutoModelForCausalLM": "modeling_mixdepth.MixdepthForCausalLM"}
 
 
 # ---- the dense function as the family's class (format llama) -------------------------------------
@@ -123,12 +112,9 @@ def _write_transformers_folder(model, folder: Path, tokenizer) -> None:
     tokens = {k: gen.get(k) for k in ("bos_token_id", "pad_token_id")}
     tokens["eos_token_id"] = (stop[0] if len(stop) == 1 else stop) if stop else None
     wrapper = MixdepthForCausalLM.from_model(model, **{k: v for k, v in tokens.items() if v is not None})
-    wrapper.config.auto_map = dict(AUTO_MAP)
     wrapper.config.architectures = ["MixdepthForCausalLM"]
     wrapper.generation_config = GenerationConfig(**{k: v for k, v in tokens.items() if v is not None})
-    wrapper.save_pretrained(str(folder))
-    for name, text in REMOTE_CODE.items():
-        (folder / name).write_text(text)
+    wrapper.save_pretrained(str(folder))  # with the remote-code files (`MixdepthConfig.save_pretrained`)
     if tokenizer is None:
         byte_tokenizer_files(folder)
     else:

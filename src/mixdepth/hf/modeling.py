@@ -80,6 +80,11 @@ class MixdepthForCausalLM(PreTrainedModel, GenerationMixin):
         model._restore_buffers()
         return (model, info) if want_info else model
 
+    @classmethod
+    def register_for_auto_class(cls, auto_class="AutoModelForCausalLM") -> None:
+        """Nothing, as `MixdepthConfig.register_for_auto_class`: the config's `save_pretrained` writes
+        the remote-code files (transformers would copy this package's modules, which it cannot)."""
+
     @torch.no_grad()
     def _restore_buffers(self) -> None:
         """Non-persistent buffers (RoPE tables, a rule router's tokens, MoE targets) are functions of
