@@ -311,6 +311,26 @@ def test_automodel_refuses_weights_that_do_not_match_the_routing(exported, tmp_p
         assert sorted(p.name for p in folder.iterdir()) == before
 
 
+def test_automodel_names_both_mixdepth_versions_when_the_installed_one_cannot_read_the_config(exported, tmp_path):
+    """config.json records the mixdepth that wrote it; a config the installed mixdepth cannot read
+    (a newer one's setting) is one line naming both versions."""
+    import shutil
+
+    from mixdepth import __version__
+
+    out = exported[2]
+    assert json.loads((out / "config.json").read_text())["mixdepth_version"] == __version__
+    newer = tmp_path / "newer"
+    shutil.copytree(out, newer)
+    cfg = json.loads((newer / "config.json").read_text())
+    cfg["mixdepth"]["routing"]["a_newer_setting"] = 1
+    cfg["mixdepth_version"] = "99.0"
+    (newer / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=f"written by mixdepth 99.0, read by the installed {__version__}") as e:
+        transformers.AutoModelForCausalLM.from_pretrained(str(newer), trust_remote_code=True)
+    assert "a_newer_setting" in str(e.value) and "\n" not in str(e.value)
+
+
 def test_automodel_export_refuses_what_it_cannot_write_and_leaves_nothing(tmp_path, capsys):
     """`mixdepth export` of a checkpoint whose tokenizer has no Hugging Face form (our BPE), or of a
     model wider than bytes without a tokenizer: one line, exit 2, no --out folder."""

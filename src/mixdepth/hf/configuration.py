@@ -41,6 +41,8 @@ class MixdepthConfig(PretrainedConfig):
 
     mixdepth: dict | None = None
     """`ModelConfig.to_dict()` of the model."""
+    mixdepth_version: str | None = None
+    """The mixdepth version that wrote `mixdepth` (the remote code runs whichever is installed)."""
     vocab_size: int | None = None
     hidden_size: int | None = None
     intermediate_size: int | None = None
@@ -57,13 +59,19 @@ class MixdepthConfig(PretrainedConfig):
     pad_token_id: int | None = None
 
     def __post_init__(self, **kwargs):
+        from .. import __version__
+
         if self.mixdepth is None:
             self.mixdepth = ModelConfig.from_name("debug").to_dict()
         try:
             cfg = ModelConfig.from_dict(self.mixdepth)
         except (ValueError, TypeError) as e:
-            raise ValueError(f"config.json's mixdepth settings are not a valid model config ({e})") from None
-        self.mixdepth = cfg.to_dict()
+            written = self.mixdepth_version
+            versions = (f"written by mixdepth {written}, read by the installed {__version__}"
+                        if written and written != __version__ else f"read by mixdepth {__version__}")
+            raise ValueError(f"config.json's mixdepth settings are not a valid model config ({versions}): "
+                             f"{str(e).splitlines()[0]}") from None
+        self.mixdepth, self.mixdepth_version = cfg.to_dict(), __version__
         self.vocab_size, self.hidden_size, self.intermediate_size = cfg.vocab_size, cfg.dim, cfg.ffn_dim
         self.num_hidden_layers, self.num_attention_heads = cfg.n_layers, cfg.n_heads
         self.num_key_value_heads, self.head_dim = cfg.n_kv_heads, cfg.head_dim
