@@ -688,3 +688,24 @@ def test_engine_long_prompts_prefill_chunk_by_chunk_between_decode_steps(model, 
         assert wait_idle(engine)["running"] == 0 and engine.cache.bytes_in_use() == 0 and engine._long is None
     finally:
         engine.shutdown()
+
+
+def test_server_frees_the_row_of_a_whole_response_whose_client_left_while_tokens_flow(model, tok):
+    """A non-streamed request's client that goes away is noticed even while tokens keep coming."""
+    engine = Engine(model, tok, max_batch=2)
+    decode = engine._decode
+
+    def slow_decode():  # a token every 20 ms: always sooner than any polling interval
+        time.sleep(0.02)
+        decode()
+
+    engine._decode = slow_decode
+    server = Server(create_app(engine, "tiny"))
+    try:
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes its connection
+            httpx.post(server.base + "/v1/completions", timeout=0.6,
+                       json={"model": "tiny", "prompt": "hello", "max_tokens": 110, "temperature": 0})
+        s = wait_idle(engine, timeout=10)
+        assert s["finished"] == {"abort": 1} and s["generated_tokens"] < 80, s
+    finally:
+        server.close()

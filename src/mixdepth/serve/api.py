@@ -418,20 +418,22 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
 
     async def _whole(request: Request, req, queue: asyncio.Queue, kind: str, meta: dict) -> JSONResponse:
         text, routed = [], []
+        # the client going away is watched apart from the events: a steady flow of tokens must not hide it
+        gone = asyncio.ensure_future(_disconnected(request))
         try:
             while True:
-                try:
-                    ev = await asyncio.wait_for(queue.get(), timeout=0.5)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():  # the client went away: free its row
-                        engine.cancel(req)
-                        return JSONResponse({}, status_code=499)
-                    continue
+                get = asyncio.ensure_future(queue.get())
+                await asyncio.wait((get, gone), return_when=asyncio.FIRST_COMPLETED)
+                if not get.done():  # the client went away: free its row (in `finally`)
+                    get.cancel()
+                    return JSONResponse({}, status_code=499)
+                ev = get.result()
                 text.append(ev.text)
                 routed += ev.routed_layers
                 if ev.done:
                     break
         finally:
+            gone.cancel()
             if not req.done:
                 engine.cancel(req)
         if ev.error is not None:
@@ -486,6 +488,12 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
     app.add_middleware(_BodyLimit, limit=max_body_bytes)
     app.state.engine = engine
     return app
+
+
+async def _disconnected(request: Request) -> None:
+    """Return once the client of `request` (its body already read) has closed the connection."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _usage(stats: dict) -> dict:
