@@ -389,6 +389,9 @@ def test_server_api_key_and_full_queue(model, tok):
     try:
         r = httpx.post(server.base + "/v1/completions", json={"model": "tiny", "prompt": "x"})
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        for path, body in [("/v1/completions", {"model": "tiny"}), ("/v1/chat/completions", {"messages": 5})]:
+            r = httpx.post(server.base + path, json=body)  # no key: 401 before the body is looked at
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", r.text
         r = httpx.get(server.base + "/v1/models", headers={"Authorization": "Bearer wrong"})
         assert r.status_code == 401
         assert httpx.get(server.base + "/health").status_code == 200  # open, as /metrics and the page

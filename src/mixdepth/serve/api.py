@@ -33,7 +33,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Literal
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CollectorRegistry, generate_latest
@@ -300,6 +300,8 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
         return error_response(APIError(500, f"internal error: {type(e).__name__}: {e}", type="server_error"))
 
     def _authorize(request: Request) -> None:
+        # a route's dependency: FastAPI runs it before it validates the body, so a caller without the
+        # key learns nothing of what a valid body looks like
         if api_key is None:
             return
         header = request.headers.get("authorization", "")
@@ -352,18 +354,16 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
     async def metrics():
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models")
-    async def models(request: Request):
-        _authorize(request)
+    @app.get("/v1/models", dependencies=[Depends(_authorize)])
+    async def models():
         return {"object": "list", "data": [{
             "id": model_name, "object": "model", "created": created, "owned_by": "mixdepth",
             "max_model_len": engine.context,
             "mixdepth": {"routed_layers": engine.routed_layer_ids, "max_batch": engine.max_batch},
         }]}
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", dependencies=[Depends(_authorize)])
     async def completions(body: CompletionRequest, request: Request):
-        _authorize(request)
         _check_model(body.model)
         prompt = body.prompt
         if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
@@ -378,9 +378,8 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
         params = _params(body, ids, body.max_tokens, 16)  # OpenAI's default max_tokens for completions
         return await _respond(request, "text_completion", body, ids, params)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", dependencies=[Depends(_authorize)])
     async def chat_completions(body: ChatRequest, request: Request):
-        _authorize(request)
         _check_model(body.model)
         if body.max_tokens is not None and body.max_completion_tokens is not None:
             raise APIError(400, "give max_tokens or max_completion_tokens, not both", param="max_tokens")
