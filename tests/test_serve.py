@@ -712,3 +712,45 @@ def test_server_frees_the_row_of_a_whole_response_whose_client_left_while_tokens
         assert s["finished"] == {"abort": 1} and s["generated_tokens"] < 80, s
     finally:
         server.close()
+
+
+def test_server_answers_503_to_the_waiting_requests_it_ends_on_shutdown(model, tok):
+    """A request still waiting for a row when the server begins to stop never started: 503 (retry
+    elsewhere), as a new request then gets, not a 500."""
+    engine = Engine(model, tok, max_batch=1)
+    decode = engine._decode
+
+    def slow_decode():
+        time.sleep(0.02)
+        decode()
+
+    engine._decode = slow_decode
+    server = Server(create_app(engine, "tiny"))
+    answers: dict = {}
+
+    def ask(name, stream):
+        body = {"model": "tiny", "prompt": "hello", "max_tokens": 60, "temperature": 0, "stream": stream}
+        r = httpx.post(server.base + "/v1/completions", json=body, timeout=30)
+        answers[name] = (r.status_code, r.text)
+
+    try:
+        threads = [threading.Thread(target=ask, args=("running", False))]
+        threads[0].start()
+        while engine.stats()["running"] == 0:
+            time.sleep(0.01)
+        threads += [threading.Thread(target=ask, args=(name, name == "streamed")) for name in ("whole", "streamed")]
+        for t in threads[1:]:
+            t.start()
+        while engine.stats()["waiting"] < 2:
+            time.sleep(0.01)
+        engine.begin_shutdown()
+        for t in threads:
+            t.join(30)
+        assert answers["running"][0] == 200  # the running one finishes
+        status, text = answers["whole"]
+        assert status == 503 and json.loads(text)["error"]["code"] == "service_unavailable", text
+        status, text = answers["streamed"]  # its 200 went out already: the error is the last chunk
+        error = json.loads(text.split("data: ")[1])["error"]
+        assert status == 200 and error["code"] == "service_unavailable" and text.endswith("data: [DONE]\n\n")
+    finally:
+        server.close()

@@ -404,7 +404,7 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
         except QueueFull as e:
             raise APIError(429, str(e), type="rate_limit_error", code="rate_limit_exceeded") from None
         except EngineStopped as e:
-            raise APIError(503, str(e), type="server_error", code="service_unavailable") from None
+            raise _unavailable(str(e)) from None
         except ValueError as e:
             raise APIError(400, str(e)) from None
         rid = ("cmpl-" if kind == "text_completion" else "chatcmpl-") + uuid.uuid4().hex[:24]
@@ -436,7 +436,7 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
             if not req.done:
                 engine.cancel(req)
         if ev.error is not None:
-            raise APIError(500, ev.error, type="server_error")
+            raise _failed(ev)
         stats = req.stats(engine.routed_layer_ids)
         usage = _usage(stats)
         if kind == "text_completion":
@@ -467,7 +467,8 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
             while True:
                 ev = await queue.get()
                 if ev.error is not None:
-                    yield f"data: {json.dumps(error_body(ev.error, 'server_error'))}\n\n"
+                    e = _failed(ev)
+                    yield f"data: {json.dumps(error_body(e.message, e.type, code=e.code))}\n\n"
                     break
                 extra = {"routed_layers": ev.routed_layers}
                 if ev.done:
@@ -487,6 +488,16 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
     app.add_middleware(_BodyLimit, limit=max_body_bytes)
     app.state.engine = engine
     return app
+
+
+def _unavailable(message: str) -> APIError:
+    return APIError(503, message, type="server_error", code="service_unavailable")
+
+
+def _failed(ev: Event) -> APIError:
+    """The error of a request the engine ended with `ev.error`: 503 if it never started because the
+    engine is stopping (the client may retry elsewhere), else 500."""
+    return _unavailable(ev.error) if ev.stopped else APIError(500, ev.error, type="server_error")
 
 
 async def _disconnected(request: Request) -> None:

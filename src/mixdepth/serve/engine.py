@@ -103,6 +103,8 @@ class Event:
     """Per new token: how many routed layers the step that made it ran for this row."""
     finish_reason: str | None = None
     error: str | None = None
+    stopped: bool = False
+    """The request was ended before it started because the engine is stopping (as `EngineStopped`)."""
     request: Request | None = field(default=None, repr=False)
 
     @property
@@ -335,7 +337,7 @@ class Engine:
             waiting, self.waiting = list(self.waiting), deque()
             self._cond.notify()
         for req in waiting:
-            self._end(req, error="the server is shutting down")
+            self._end(req, error="the server is shutting down", stopped=True)
 
     def shutdown(self, timeout: float = 5.0) -> None:
         """Stop: no new request, running ones may finish for `timeout` seconds, then the rest end
@@ -614,7 +616,8 @@ class Engine:
         r.row = None
         self._end(r, finish_reason=finish_reason, error=error)
 
-    def _end(self, r: Request, *, finish_reason: str | None = None, error: str | None = None) -> None:
+    def _end(self, r: Request, *, finish_reason: str | None = None, error: str | None = None,
+             stopped: bool = False) -> None:
         if r.done:
             return
         r.t_done = time.perf_counter()
@@ -625,7 +628,7 @@ class Engine:
             self._finished[key] = self._finished.get(key, 0) + 1
             self._cond.notify_all()
         ev = Event(text=text, token_ids=r.out_ids[r.sent_tokens :], routed_layers=r.routed_layers[r.sent_tokens :],
-                   finish_reason=r.finish_reason, error=error, request=r)
+                   finish_reason=r.finish_reason, error=error, stopped=stopped, request=r)
         r.shown, r.sent_tokens = len(r.text), len(r.out_ids)
         self._emit(r, ev)
 
