@@ -754,3 +754,17 @@ def test_server_answers_503_to_the_waiting_requests_it_ends_on_shutdown(model, t
         assert status == 200 and error["code"] == "service_unavailable" and text.endswith("data: [DONE]\n\n")
     finally:
         server.close()
+
+
+def test_engine_forgets_old_token_times_without_a_metrics_scrape(model, tok, monkeypatch):
+    """The tokens/s record keeps the last RATE_WINDOW_S seconds only, also when no one reads stats()
+    (a server never scraped must not grow with every token it makes)."""
+    import mixdepth.serve.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "RATE_WINDOW_S", 0.0, raising=False)
+    engine = Engine(model, tok, max_batch=2).start()
+    try:
+        run_engine(engine, [tok.encode(p) for p in PROMPTS], SamplingParams(max_tokens=20, temperature=0))
+        assert engine._generated == 60 and len(engine._recent) <= 1
+    finally:
+        engine.shutdown()

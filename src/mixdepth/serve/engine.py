@@ -47,6 +47,10 @@ from ..model.dial import DEFAULT_RULE, RULES
 log = logging.getLogger("mixdepth")
 
 
+RATE_WINDOW_S = 10.0
+"""Seconds over which `Engine.stats()` counts the tokens made for its tokens/s."""
+
+
 class QueueFull(RuntimeError):
     """The waiting queue holds `max_waiting` requests already (HTTP 429)."""
 
@@ -228,7 +232,7 @@ class Engine:
         self._finished: dict[str, int] = {}
         self._decode_fed = 0
         self._decode_routed = [0] * len(self.routed_layer_ids)
-        self._recent: deque[tuple[float, int]] = deque()  # (time, tokens made) of recent steps
+        self._recent: deque[float] = deque()  # when each token of the last RATE_WINDOW_S seconds was made
         self._kv = (0, 0, 0)  # in use, allocated, dense
         self.steps = 0
 
@@ -316,10 +320,9 @@ class Engine:
         """A snapshot for metrics: queue sizes, token counters, tokens/s, routed fractions, KV bytes."""
         with self._cond:
             now = time.perf_counter()
-            while self._recent and now - self._recent[0][0] > 10:
-                self._recent.popleft()
-            span = now - self._recent[0][0] if self._recent else 0.0
-            made = sum(n for _, n in self._recent)
+            self._forget_old_tokens(now)
+            span = now - self._recent[0] if self._recent else 0.0
+            made = len(self._recent)
             routed = {lid: n / self._decode_fed if self._decode_fed else 0.0
                       for lid, n in zip(self.routed_layer_ids, self._decode_routed)}
             return {
@@ -329,6 +332,12 @@ class Engine:
                 "decode_routed_fraction": routed, "kv_bytes_in_use": self._kv[0], "kv_bytes_allocated": self._kv[1],
                 "kv_bytes_dense": self._kv[2], "steps": self.steps, "accepting": self._accepting and not self._stop,
             }
+
+    def _forget_old_tokens(self, now: float) -> None:
+        """Drop the token times older than RATE_WINDOW_S (under the lock): the record stays bounded
+        whether or not anyone reads `stats()`."""
+        while self._recent and now - self._recent[0] > RATE_WINDOW_S:
+            self._recent.popleft()
 
     def begin_shutdown(self) -> None:
         """Take no new request and end the waiting ones (`error`); running ones go on."""
@@ -574,7 +583,9 @@ class Engine:
             r.routed_layers.append(routed_layers)
             with self._cond:
                 self._generated += 1
-                self._recent.append((time.perf_counter(), 1))
+                now = time.perf_counter()
+                self._recent.append(now)
+                self._forget_old_tokens(now)
             reason = None
             if tok in self.eos:  # an end-of-sequence token ends the request and is not shown
                 reason = "stop"
