@@ -768,3 +768,31 @@ def test_engine_forgets_old_token_times_without_a_metrics_scrape(model, tok, mon
         assert engine._generated == 60 and len(engine._recent) <= 1
     finally:
         engine.shutdown()
+
+
+def test_engine_step_failing_where_unexpected_ends_its_rows_and_goes_on(model, tok):
+    """A step that raises outside the parts that handle their own failures (here: sampling after a
+    decode step) ends the running requests with an error instead of leaving them running forever."""
+    engine = Engine(model, tok, max_batch=2).start()
+    try:
+        sample, calls = engine._sample, []
+
+        def sample_once_broken(logits, reqs):
+            calls.append(len(reqs))
+            if len(calls) == 3:  # the prefill (both prompts together), then the second decode step
+                raise RuntimeError("broken sampler")
+            return sample(logits, reqs)
+
+        engine._sample = sample_once_broken
+        reqs = [engine.submit(tok.encode(p), SamplingParams(max_tokens=20, temperature=0), lambda ev: None)
+                for p in PROMPTS[:2]]
+        deadline = time.monotonic() + 20
+        while not all(r.done for r in reqs):
+            assert time.monotonic() < deadline, "the requests of the failed step never ended"
+            time.sleep(0.01)
+        assert all("broken sampler" in r.error for r in reqs)
+        assert sorted(engine.free_rows) == [0, 1] and engine.cache.bytes_in_use() == 0
+        (after,), _ = run_engine(engine, [tok.encode(PROMPTS[2])], SamplingParams(max_tokens=5, temperature=0))
+        assert after.finish_reason == "length" and engine.alive
+    finally:
+        engine.shutdown()

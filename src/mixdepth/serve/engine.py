@@ -374,12 +374,21 @@ class Engine:
                     break
             try:
                 self.step()
-            except Exception:  # a bug in the step itself: keep serving, the failing rows were ended
+            except Exception as e:  # a failure the step did not handle itself: keep serving
                 log.exception("engine step failed")
+                self._fail_running(f"engine step failed: {type(e).__name__}: {e}")
         for row in list(self.running):
             self._release(row, finish_reason="abort")
         with self._cond:
             self._cond.notify_all()
+
+    def _fail_running(self, error: str) -> None:
+        """End every running request with `error`: after a step that failed where it did not expect
+        to, what their rows hold is unknown, and a request left running would never end."""
+        self._long = None
+        for row in list(self.running):
+            self._release(row, error=error)
+        self._publish()
 
     def step(self) -> bool:
         """One scheduling step; returns whether it ran the model.
