@@ -348,6 +348,7 @@ BAD_BODIES = [
     ("fraction out of range", {"model": "tiny", "prompt": "x", "mixdepth": {"fraction": 1.5}}, 400,
      "mixdepth.fraction"),
     ("token id outside the vocabulary", {"model": "tiny", "prompt": [1, 99999]}, 400, "prompt"),
+    ("seed beyond 64 bits", {"model": "tiny", "prompt": "x", "seed": 2**64}, 400, "seed"),
     ("stream_options without stream", {"model": "tiny", "prompt": "x", "stream_options": {"include_usage": True}},
      400, "stream_options"),
     ("oversized body", {"model": "tiny", "prompt": "x" * 5000}, 413, None),
