@@ -128,6 +128,24 @@ def test_transformers_generate_holds_the_compute_dial_per_call(exported, hf_mode
         hf_model.generate(torch.tensor([p]), max_new_tokens=2, cache_implementation="static")
 
 
+def test_transformers_forward_takes_the_fraction_for_a_cache_not_yet_started(hf_model):
+    """`model(x, cache=MixdepthCache(...), mixdepth_fraction=f)` starts the cache at f (the logits and
+    routing of the call without a cache at f); a started cache refuses another fraction in one line
+    and is left as it was."""
+    x = torch.randint(0, 256, (2, 24))
+    with torch.no_grad():
+        want = hf_model(x, mixdepth_fraction=0.9).logits
+        cache = MixdepthCache(hf_model)
+        out = hf_model(x, cache=cache, mixdepth_fraction=0.9)
+        torch.testing.assert_close(out.logits, want, rtol=1e-5, atol=1e-5)
+        assert out.cache is cache and cache.fraction == 0.9
+        counts = {k: v.clone() for k, v in cache.routed_counts().items()}
+        with pytest.raises(ValueError, match="mixdepth_fraction is fixed") as e:
+            hf_model(x[:, :1], cache=cache, mixdepth_fraction=0.2)
+        assert "\n" not in str(e.value) and cache.columns == 24
+        assert all(torch.equal(v, cache.routed_counts()[k]) for k, v in counts.items())
+
+
 def test_transformers_beam_search_reorders_the_cache_rows(hf_model):
     """Beam search over a left-padded batch: with the cache (rows reordered whole, each with its own
     fill lengths) it gives the beams of the full recomputation without a cache, at the calibrated

@@ -8,7 +8,8 @@ fed so far, which is what its `generate` slices by. Padding columns are never st
 positions count its real tokens only, as `mixdepth.generate` counts them.
 
 The routed fraction of a generation is generation state too: `fraction` (with `fraction_rule`)
-is set on the cache when it is made, never on the model (`fraction_routing`).
+is set on the cache before it starts (`use_fraction`), never on the model, and reached as
+`mixdepth.generate` reaches it (`fraction_thresholds`).
 
 Beam search reorders whole rows (`reorder_cache`), which carry their own fill lengths. What
 transformers' layer-list caches offer and this cache does not: cropping (assisted decoding: a
@@ -21,15 +22,8 @@ from __future__ import annotations
 import torch
 from transformers import Cache
 
+from ..generate import fraction_thresholds
 from ..kvcache import KVCache
-
-
-def fraction_routing(model, fraction: float | None, rule: str | None) -> tuple[dict | None, bool]:
-    """How a call reaches routed fraction `fraction`: (per-call thresholds or None, hold the fraction
-    per row with the cache's dial); the library decides, as for `mixdepth.generate.generate`."""
-    from ..generate import fraction_thresholds
-
-    return fraction_thresholds(model, fraction, rule)
 
 
 class MixdepthCache(Cache):
@@ -56,19 +50,31 @@ class MixdepthCache(Cache):
         self.thresholds: dict[int, torch.Tensor] | None = None
         self.columns = 0
         """Columns of transformers' `input_ids` fed so far (padding included): `get_seq_length()`."""
-        fraction_routing(model, fraction, fraction_rule)  # a bad fraction fails here, before any step
+        fraction_thresholds(model, fraction, fraction_rule)  # a bad fraction fails here, before any step
 
     def start(self, batch_size: int) -> KVCache:
         """The KV cache, made at the first call for `batch_size` rows; later calls must match it."""
         if self.kv is None:
             model = self._model
-            self.thresholds, hold = fraction_routing(model, self.fraction, self.fraction_rule)
+            self.thresholds, hold = fraction_thresholds(model, self.fraction, self.fraction_rule)
             self.kv = model.make_cache(batch_size, self.max_seq_len, routed_fraction=self.fraction)
             if hold:
                 self.kv.set_fraction(None, self.fraction, "hold")
         elif self.kv.batch_size != batch_size:
             raise ValueError(f"the mixdepth cache holds {self.kv.batch_size} rows, the input {batch_size}")
         return self.kv
+
+    def use_fraction(self, fraction: float | None, rule: str | None = None) -> None:
+        """Route at `fraction` (by `rule`): set on a cache not yet started; a started cache keeps the
+        fraction it started with, and asking it for another is a `ValueError` (nothing changes)."""
+        if fraction is None:
+            return
+        if self.kv is None:
+            fraction_thresholds(self._model, fraction, rule)  # a bad fraction fails here
+            self.fraction, self.fraction_rule = fraction, rule
+        elif fraction != self.fraction or rule not in (None, self.fraction_rule):
+            raise ValueError(f"mixdepth_fraction is fixed for a cache when it starts (this one routes at "
+                             f"{self.fraction}); start a new cache for {fraction}")
 
     # ---- what transformers asks of a cache ------------------------------------------------------
     def get_seq_length(self, layer_idx: int | None = 0) -> int:

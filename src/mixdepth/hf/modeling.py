@@ -27,12 +27,14 @@ import torch
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from ..generate import fraction_thresholds
 from ..model import MoDTransformer
 from ..model.layers import RotaryEmbedding
-from .cache import MixdepthCache, fraction_routing
+from .cache import MixdepthCache
 from .configuration import MODEL_TYPE, MixdepthConfig
 
 __all__ = ["MODEL_TYPE", "MixdepthConfig", "MixdepthForCausalLM"]
+
 
 class MixdepthForCausalLM(PreTrainedModel, GenerationMixin):
     """A Mixture-of-Depths LM in the transformers API; see the module docstring."""
@@ -144,10 +146,8 @@ class MixdepthForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError(f"MixdepthForCausalLM decodes with a MixdepthCache, got {type(cache).__name__}")
         if not isinstance(cache, MixdepthCache):  # none, or an empty cache of transformers' own
             model_kwargs["cache"] = MixdepthCache(self.model, max_cache_length, fraction=fraction, fraction_rule=rule)
-        elif fraction is not None:
-            if cache.kv is not None:
-                raise ValueError("mixdepth_fraction is fixed for a cache when it is made; start a new cache")
-            cache.fraction, cache.fraction_rule = fraction, rule
+        else:
+            cache.use_fraction(fraction, rule)
 
     def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, cache=None, attention_mask=None,
                                       inputs_embeds=None, is_first_iteration=False, **kwargs):
@@ -204,16 +204,17 @@ class MixdepthForCausalLM(PreTrainedModel, GenerationMixin):
         if self.training and cache is not None:
             raise ValueError("a cache is for eval mode (causal routing); training routes top-k over the sequence")
         if self.training:
-            mode, cache = mod.cfg.routing.mode if mod.cfg.routing.mode != "causal" else "topk", None
+            mode = "topk" if mod.cfg.routing.mode == "causal" else mod.cfg.routing.mode
         else:
             mode = "causal" if mod.can_decode_causally else mod.cfg.routing.mode
-        if cache is None and use_cache and not self.training and mode == "causal":
-            cache = MixdepthCache(mod, fraction=mixdepth_fraction, fraction_rule=mixdepth_fraction_rule)
         if cache is not None and not isinstance(cache, MixdepthCache):
             if cache.get_seq_length() > 0:
                 raise ValueError(f"MixdepthForCausalLM decodes with a MixdepthCache, got {type(cache).__name__}")
-            # an empty cache of transformers' own (a caller that made a DynamicCache): ours instead
-            cache = MixdepthCache(mod, fraction=mixdepth_fraction, fraction_rule=mixdepth_fraction_rule)
+            cache, use_cache = None, True  # an empty cache of transformers' own (a DynamicCache): ours instead
+        if cache is None and use_cache and not self.training and mode == "causal":
+            cache = MixdepthCache(mod)
+        if cache is not None:
+            cache.use_fraction(mixdepth_fraction, mixdepth_fraction_rule)  # before it starts, or the same
 
         # left (or any) padding -> right padding: real tokens first, in order
         mask = None
@@ -236,10 +237,8 @@ class MixdepthForCausalLM(PreTrainedModel, GenerationMixin):
         if cache is not None:
             kv = cache.start(B)
             thresholds = cache.thresholds
-            if mixdepth_fraction is not None and mixdepth_fraction != cache.fraction:
-                raise ValueError("mixdepth_fraction is fixed for a cache when it is made; start a new generation")
         elif mode == "causal" and mixdepth_fraction is not None:
-            thresholds, hold = fraction_routing(mod, mixdepth_fraction, mixdepth_fraction_rule)
+            thresholds, hold = fraction_thresholds(mod, mixdepth_fraction, mixdepth_fraction_rule)
             if hold:
                 dial = mod.make_dial(B, mixdepth_fraction)
         targets = None
