@@ -797,3 +797,21 @@ def test_engine_step_failing_where_unexpected_ends_its_rows_and_goes_on(model, t
         assert after.finish_reason == "length" and engine.alive
     finally:
         engine.shutdown()
+
+
+def test_serve_bench_counts_no_stream_that_failed_midway():
+    """`bench serve` stops on a stream whose server ended it with an error chunk, rather than
+    counting its few tokens as a finished request."""
+    from mixdepth.serve.loadgen import _one
+
+    sse = ('data: {"choices": [{"text": "a"}], "mixdepth": {"routed_layers": [1]}}\n\n'
+           'data: {"error": {"message": "decode step failed: out of memory", "type": "server_error"}}\n\n'
+           "data: [DONE]\n\n")
+
+    async def main():
+        transport = httpx.MockTransport(lambda request: httpx.Response(200, text=sse))
+        async with httpx.AsyncClient(transport=transport) as client:
+            return await _one(client, "http://server", {})
+
+    with pytest.raises(ValueError, match="out of memory"):
+        asyncio.run(main())

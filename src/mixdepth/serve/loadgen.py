@@ -135,6 +135,8 @@ async def _one(client, base: str, body: dict) -> dict:
             if not line.startswith("data:") or line.strip() == "data: [DONE]":
                 continue
             chunk = json.loads(line[5:])
+            if "error" in chunk:  # the request failed mid-stream: its figures would be wrong
+                raise ValueError(f"a stream from {base} failed: {chunk['error'].get('message')}")
             k = len((chunk.get("mixdepth") or {}).get("routed_layers") or [])
             if not k:
                 continue
