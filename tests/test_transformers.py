@@ -191,6 +191,27 @@ def test_automodel_logits_equal_ours_in_causal_mode_with_left_padding(exported, 
         hf_model.eval()
 
 
+def test_automodel_takes_position_ids_that_count_real_tokens_and_refuses_packed_ones(hf_model):
+    """position_ids as transformers derives them (each row's real tokens counted, through a cache
+    too) change nothing; position_ids that restart inside a row (packed sequences, transformers'
+    `DataCollatorWithFlattening`) would be ignored, so they are refused in one line."""
+    ids, mask = _left_pad(PROMPTS)
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        want = hf_model(ids, attention_mask=mask).logits
+        torch.testing.assert_close(hf_model(ids, attention_mask=mask, position_ids=pos).logits, want)
+        cache = MixdepthCache(hf_model)
+        hf_model(ids, attention_mask=mask, position_ids=pos, cache=cache)
+        nxt = torch.tensor([[1], [2], [3]])
+        step = hf_model(nxt, attention_mask=torch.cat([mask, torch.ones_like(nxt)], 1), cache=cache,
+                        position_ids=pos[:, -1:] + 1)
+        assert cache.columns == ids.shape[1] + 1 and step.logits.shape == (3, 1, 256)
+        packed = torch.arange(20)[None] % 10  # two documents of 10 tokens in one row
+        with pytest.raises(ValueError, match="position_ids") as e:
+            hf_model(torch.randint(0, 256, (1, 20)), position_ids=packed)
+        assert "\n" not in str(e.value)
+
+
 # ---- loading, saving, registration ---------------------------------------------------------------
 def test_automodel_save_pretrained_round_trips_and_the_cli_reads_the_export(exported, hf_model, tmp_path, capsys,
                                                                            corpus):

@@ -162,6 +162,7 @@ class MixdepthForCausalLM(PreTrainedModel, GenerationMixin):
         return inputs
 
     # ---- forward ----------------------------------------------------------------------------------
+
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -186,7 +187,8 @@ class MixdepthForCausalLM(PreTrainedModel, GenerationMixin):
             input_ids: (B, T) token ids (this call's new tokens when a cache is given).
             attention_mask: (B, T) or (B, past + T), 1 for real tokens; padding may sit anywhere in
                 a row (left padding from `generate`, right padding from collators): it is dropped.
-            position_ids: ignored: positions count each row's real tokens (as `mixdepth.generate`).
+            position_ids: optional: positions count each row's real tokens (as `mixdepth.generate`);
+                given ones must agree at the real tokens (packed sequences, restarting, are refused).
             cache: a `MixdepthCache` to continue (`past_key_values` is the older name); eval mode only.
             labels: (B, T) token ids aligned with `input_ids` (-100: ignored); the model shifts them.
             use_cache: True: return a cache (made here when none is given); eval mode only.
@@ -225,6 +227,10 @@ class MixdepthForCausalLM(PreTrainedModel, GenerationMixin):
             mask = attention_mask[:, -T:].bool()  # this call's columns
             if bool(mask.all()):
                 mask = None
+        if position_ids is not None:
+            started = cache is not None and cache.kv is not None
+            real = mask if mask is not None else input_ids.new_ones(B, T, dtype=torch.bool)
+            _check_positions(position_ids, real, cache.kv.seq_lengths if started else torch.zeros(B, dtype=torch.long))
         order = valid = None
         ids = input_ids
         if mask is not None:
@@ -259,3 +265,14 @@ class MixdepthForCausalLM(PreTrainedModel, GenerationMixin):
         if logits_to_keep and not last_only:
             logits = logits[:, -logits_to_keep:]
         return CausalLMOutputWithPast(loss=out.loss, logits=logits, cache=cache)
+
+
+def _check_positions(position_ids: torch.Tensor, real: torch.Tensor, held: torch.Tensor) -> None:
+    """`position_ids` (B or 1, T) must be the positions the model counts at every real token (`real`,
+    (B, T)): each row's real tokens in order, after the `held` (B,) it has in the cache. The model
+    cannot follow others (packed rows, whose positions restart)."""
+    counted = held.to(real.device)[:, None] + real.long().cumsum(1) - 1  # (B, T)
+    agree = position_ids.shape[0] in (1, real.shape[0]) and position_ids.shape[-1] == real.shape[1]
+    if not agree or not bool((position_ids.to(real.device).expand_as(counted) == counted)[real].all()):
+        raise ValueError("position_ids disagree with the positions MixdepthForCausalLM counts (each row's real "
+                         "tokens in order): packed sequences, whose positions restart, are not supported")
