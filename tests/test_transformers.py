@@ -174,6 +174,8 @@ def test_automodel_logits_equal_ours_in_causal_mode_with_left_padding(exported, 
         ours = model(x, mode="causal").logits
         theirs = hf_model(x).logits
         torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+        plain = hf_model(x, return_dict=False)  # a tuple, as transformers' models give
+        assert type(plain) is tuple and len(plain) == 1 and torch.equal(plain[0], theirs)
         ids, mask = _left_pad(PROMPTS)
         padded = hf_model(ids, attention_mask=mask).logits
         for b, p in enumerate(PROMPTS):

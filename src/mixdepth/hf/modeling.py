@@ -180,7 +180,7 @@ class MixdepthForCausalLM(PreTrainedModel, GenerationMixin):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
-    ) -> CausalLMOutputWithPast:
+    ) -> CausalLMOutputWithPast | tuple:
         """Run the model as transformers calls it.
 
         Args:
@@ -195,6 +195,7 @@ class MixdepthForCausalLM(PreTrainedModel, GenerationMixin):
             logits_to_keep: 0: logits at every column; n: the last n columns.
             mixdepth_fraction, mixdepth_fraction_rule: routed fraction of this call (and of a cache
                 made here), as `mixdepth.generate.generate`'s `fraction`/`fraction_rule`.
+            return_dict: False: the output's fields that are set, as a tuple (loss, logits, cache).
         """
         if inputs_embeds is not None or input_ids is None:
             raise ValueError("MixdepthForCausalLM routes token ids: pass input_ids, not inputs_embeds")
@@ -264,7 +265,8 @@ class MixdepthForCausalLM(PreTrainedModel, GenerationMixin):
             logits = torch.empty_like(logits).scatter_(1, order[..., None].expand_as(logits), logits)
         if logits_to_keep and not last_only:
             logits = logits[:, -logits_to_keep:]
-        return CausalLMOutputWithPast(loss=out.loss, logits=logits, cache=cache)
+        output = CausalLMOutputWithPast(loss=out.loss, logits=logits, cache=cache)
+        return output.to_tuple() if return_dict is False else output
 
 
 def _check_positions(position_ids: torch.Tensor, real: torch.Tensor, held: torch.Tensor) -> None:
