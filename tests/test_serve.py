@@ -815,3 +815,14 @@ def test_serve_bench_counts_no_stream_that_failed_midway():
 
     with pytest.raises(ValueError, match="out of memory"):
         asyncio.run(main())
+
+
+def test_openai_chat_message_names_reach_the_chat_template(client, served, monkeypatch):
+    """A field the server takes is used, not dropped: a message's `name` goes to the template."""
+    engine = served[1]
+    seen = []
+    chat_ids = engine.chat_ids
+    monkeypatch.setattr(engine, "chat_ids", lambda messages: (seen.append(messages), chat_ids(messages))[1])
+    client.chat.completions.create(model="tiny", max_tokens=2, messages=[
+        {"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Hi", "name": "ada"}])
+    assert [(m["role"], m.get("name")) for m in seen[0]] == [("system", None), ("user", "ada")]

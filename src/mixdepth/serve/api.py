@@ -383,8 +383,9 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
         _check_model(body.model)
         if body.max_tokens is not None and body.max_completion_tokens is not None:
             raise APIError(400, "give max_tokens or max_completion_tokens, not both", param="max_tokens")
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": _message_text(m)}
-                    for m in body.messages]
+        # a message's name goes to the template, as transformers passes it (None: left out)
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": _message_text(m),
+                     "name": m.name} for m in body.messages]
         try:
             ids = await asyncio.to_thread(engine.chat_ids, messages)
         except ValueError as e:
