@@ -730,20 +730,24 @@ def test_server_answers_503_to_the_waiting_requests_it_ends_on_shutdown(model, t
     answers: dict = {}
 
     def ask(name, stream):
-        body = {"model": "tiny", "prompt": "hello", "max_tokens": 60, "temperature": 0, "stream": stream}
+        body = {"model": "tiny", "prompt": "hello", "max_tokens": 110, "temperature": 0, "stream": stream}
         r = httpx.post(server.base + "/v1/completions", json=body, timeout=30)
         answers[name] = (r.status_code, r.text)
+
+    def wait_for(what, condition):
+        deadline = time.monotonic() + 20
+        while not condition():
+            assert time.monotonic() < deadline, what
+            time.sleep(0.01)
 
     try:
         threads = [threading.Thread(target=ask, args=("running", False))]
         threads[0].start()
-        while engine.stats()["running"] == 0:
-            time.sleep(0.01)
+        wait_for("the first request did not start", lambda: engine.stats()["running"] == 1)
         threads += [threading.Thread(target=ask, args=(name, name == "streamed")) for name in ("whole", "streamed")]
         for t in threads[1:]:
             t.start()
-        while engine.stats()["waiting"] < 2:
-            time.sleep(0.01)
+        wait_for("the others did not queue behind it", lambda: engine.stats()["waiting"] == 2)
         engine.begin_shutdown()
         for t in threads:
             t.join(30)
