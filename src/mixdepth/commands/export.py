@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import argparse
 
+from ..hf import FORMATS
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", metavar="CKPT", help="checkpoint folder or run folder")
     parser.add_argument("--out", required=True, metavar="DIR", help="the folder to write (new or empty)")
-    parser.add_argument("--format", choices=("transformers", "llama"), default="transformers",
+    parser.add_argument("--format", choices=FORMATS, default=FORMATS[0],
                         help="transformers (default): MixdepthForCausalLM, which routes and skips inside transformers "
                              "(AutoModelForCausalLM with trust_remote_code=True, or after `import mixdepth`); llama: "
                              "the dense function as the family's own class, the routing in files beside it")

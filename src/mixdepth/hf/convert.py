@@ -40,6 +40,7 @@ from .publish import _fresh_out, _publish, _remove_new_parents
 
 log = logging.getLogger("mixdepth")
 
+
 # ---- weights --------------------------------------------------------------------------------------
 def state_dict_from_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Hugging Face keys -> ours (drop `model.`, a tied `lm_head.weight` and stored RoPE tables)."""
@@ -49,8 +50,6 @@ def state_dict_from_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
             continue
         out[key.removeprefix("model.")] = value
     return out
-
-
 
 
 def state_dict_to_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig

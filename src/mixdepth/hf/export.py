@@ -107,14 +107,16 @@ def _write_transformers_folder(model, folder: Path, tokenizer) -> None:
 
     from .modeling import MixdepthForCausalLM
 
-    gen = dict(tokenizer.generation_config) if tokenizer is not None else {"pad_token_id": BYTE_END}
-    stop = list(getattr(tokenizer, "stop_ids", []) or []) if tokenizer is not None else [BYTE_END]
-    tokens = {k: gen.get(k) for k in ("bos_token_id", "pad_token_id")}
-    tokens["eos_token_id"] = (stop[0] if len(stop) == 1 else stop) if stop else None
-    wrapper = MixdepthForCausalLM.from_model(model, **{k: v for k, v in tokens.items() if v is not None})
-    wrapper.config.architectures = ["MixdepthForCausalLM"]
-    wrapper.generation_config = GenerationConfig(**{k: v for k, v in tokens.items() if v is not None})
-    wrapper.save_pretrained(str(folder))  # with the remote-code files (`MixdepthConfig.save_pretrained`)
+    if tokenizer is None:  # the byte tokenizer: byte 0 ends text and pads
+        tokens = {"eos_token_id": BYTE_END, "pad_token_id": BYTE_END}
+    else:
+        gen, stop = tokenizer.generation_config, tokenizer.stop_ids
+        tokens = {k: gen[k] for k in ("bos_token_id", "pad_token_id") if gen.get(k) is not None}
+        if stop:
+            tokens["eos_token_id"] = stop[0] if len(stop) == 1 else stop
+    wrapper = MixdepthForCausalLM.from_model(model, **tokens)
+    wrapper.generation_config = GenerationConfig(**tokens)
+    wrapper.save_pretrained(str(folder))  # with architectures and the remote-code files (`MixdepthConfig`)
     if tokenizer is None:
         byte_tokenizer_files(folder)
     else:
