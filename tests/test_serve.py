@@ -220,16 +220,16 @@ def test_engine_queue_full_and_shutdown(model, tok):
     engine = Engine(model, tok, max_batch=1, max_waiting=2)  # not started: nothing leaves the queue
     p = SamplingParams(max_tokens=4)
     events: list = []
-    engine.submit([5, 6], p, events.append)
-    engine.submit([5, 6], p, events.append)
-    with pytest.raises(QueueFull, match="2 requests are waiting"):
+    for _ in range(3):  # one for the free row, two waiting for a row
+        engine.submit([5, 6], p, events.append)
+    with pytest.raises(QueueFull, match="2 requests are waiting for a row"):
         engine.submit([5, 6], p, events.append)
     with pytest.raises(ValueError, match="maximum context length is 128"):
         engine.submit([5] * 100, SamplingParams(max_tokens=29), events.append)
     engine.begin_shutdown()
     assert not engine.stats()["accepting"]  # /health answers 503 from here
     engine.shutdown(timeout=5)  # the waiting ones end with an error
-    assert not engine.alive and [e.error for e in events] == ["the server is shutting down"] * 2
+    assert not engine.alive and [e.error for e in events] == ["the server is shutting down"] * 3
     with pytest.raises(EngineStopped):
         engine.submit([5, 6], p, events.append)
 
@@ -384,8 +384,24 @@ def test_openai_errors_raise_in_the_client(client):
         client.completions.create(model="tiny", prompt="x", max_tokens=10_000)
 
 
+def test_engine_max_waiting_counts_only_requests_that_wait_for_a_row(model, tok):
+    """--max-waiting 0 means no queue, not no service: requests that free rows take are accepted."""
+    engine = Engine(model, tok, max_batch=2, max_waiting=0)  # not started: nothing leaves the queue
+    for _ in range(2):
+        engine.submit([5, 6], SamplingParams(max_tokens=4), lambda ev: None)
+    with pytest.raises(QueueFull, match="0 requests are waiting for a row"):
+        engine.submit([5, 6], SamplingParams(max_tokens=4), lambda ev: None)
+
+
 def test_server_api_key_and_full_queue(model, tok):
-    engine = Engine(model, tok, max_batch=1, max_waiting=0)  # every request finds the queue full
+    engine = Engine(model, tok, max_batch=1, max_waiting=0)  # no queue: a request finding the row busy gets 429
+    decode = engine._decode
+
+    def slow_decode():
+        time.sleep(0.02)
+        decode()
+
+    engine._decode = slow_decode
     server = Server(create_app(engine, "tiny", api_key="sesame"))
     try:
         r = httpx.post(server.base + "/v1/completions", json={"model": "tiny", "prompt": "x"})
@@ -400,8 +416,12 @@ def test_server_api_key_and_full_queue(model, tok):
             openai.OpenAI(base_url=server.base + "/v1", api_key="wrong", max_retries=0).models.list()
         c = openai.OpenAI(base_url=server.base + "/v1", api_key="sesame", max_retries=0)
         assert c.models.list().data[0].id == "tiny"
+        busy = engine.submit(tok.encode("hello"), SamplingParams(max_tokens=110), lambda ev: None)
         with pytest.raises(openai.RateLimitError):
             c.completions.create(model="tiny", prompt="x", max_tokens=2)
+        engine.cancel(busy)
+        assert wait_idle(engine)["running"] == 0
+        assert c.completions.create(model="tiny", prompt="x", max_tokens=2).usage.completion_tokens == 2
     finally:
         server.close()
 

@@ -52,7 +52,7 @@ RATE_WINDOW_S = 10.0
 
 
 class QueueFull(RuntimeError):
-    """The waiting queue holds `max_waiting` requests already (HTTP 429)."""
+    """`max_waiting` requests wait for a row already (HTTP 429)."""
 
 
 class EngineStopped(RuntimeError):
@@ -187,7 +187,7 @@ class Engine:
         model: a `MoDTransformer` in eval mode (only read).
         tokenizer: `encode`/`decode`, and optionally `stop_ids` (end-of-sequence ids) and `chat_ids`.
         max_batch: rows of the pool, i.e. requests decoded together at most.
-        max_waiting: requests allowed to wait for a row; one more raises `QueueFull`.
+        max_waiting: requests allowed to wait for a row (no row free); one more raises `QueueFull`.
         chunk_size: prompt tokens per prefill forward call; a longer prompt is prefilled one chunk per
             step, between decode steps.
         max_prefill_tokens: prompt tokens of short prompts prefilled together in one step at most
@@ -292,7 +292,7 @@ class Engine:
 
         Raises:
             ValueError: a bad prompt or parameters (`check_prompt`).
-            QueueFull: `max_waiting` requests wait already.
+            QueueFull: `max_waiting` requests wait for a row already.
             EngineStopped: the engine is shutting down.
         """
         prompt_ids = [int(t) for t in prompt_ids]
@@ -303,8 +303,10 @@ class Engine:
         with self._cond:
             if not self._accepting or self._stop:
                 raise EngineStopped("the server is shutting down")
-            if len(self.waiting) >= self.max_waiting:
-                raise QueueFull(f"{len(self.waiting)} requests are waiting already (--max-waiting "
+            # the queue also holds requests that free rows take at the next step: they wait for no row
+            queued = len(self.waiting) - len(self.free_rows)
+            if queued >= self.max_waiting:
+                raise QueueFull(f"{queued} requests are waiting for a row already (--max-waiting "
                                 f"{self.max_waiting}): try again later")
             self.waiting.append(req)
             self._cond.notify()
