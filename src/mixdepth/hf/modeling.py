@@ -162,7 +162,6 @@ class MixdepthForCausalLM(PreTrainedModel, GenerationMixin):
         return inputs
 
     # ---- forward ----------------------------------------------------------------------------------
-
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -240,7 +239,7 @@ class MixdepthForCausalLM(PreTrainedModel, GenerationMixin):
             valid = mask.sum(1).cpu()
             ids = ids.masked_fill(torch.arange(T, device=ids.device) >= valid.to(ids.device)[:, None], 0)
 
-        thresholds, dial = None, None
+        kv = thresholds = dial = None
         if cache is not None:
             kv = cache.start(B)
             thresholds = cache.thresholds
@@ -255,9 +254,8 @@ class MixdepthForCausalLM(PreTrainedModel, GenerationMixin):
                 lab = lab.masked_fill(torch.arange(T, device=lab.device) >= valid.to(lab.device)[:, None], -100)
             targets = torch.cat([lab[:, 1:], lab.new_full((B, 1), -100)], dim=1)  # next token at each column
         last_only = logits_to_keep == 1 and targets is None
-        extra = {"dial": dial} if dial is not None else {}
-        out = mod(ids, targets, mode=mode, cache=kv if cache is not None else None, thresholds=thresholds,
-                  valid_lengths=valid, last_only=last_only, **extra)
+        out = mod(ids, targets, mode=mode, cache=kv, thresholds=thresholds, valid_lengths=valid, last_only=last_only,
+                  dial=dial)
         if cache is not None:
             cache.columns += T
         logits = out.logits  # (B, T, V), or (B, 1, V) at each row's last real token
