@@ -850,3 +850,13 @@ def test_openai_chat_message_names_reach_the_chat_template(client, served, monke
     client.chat.completions.create(model="tiny", max_tokens=2, messages=[
         {"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Hi", "name": "ada"}])
     assert [(m["role"], m.get("name")) for m in seen[0]] == [("system", None), ("user", "ada")]
+
+
+def test_server_tokenizes_prompts_off_the_event_loop(client, served, monkeypatch):
+    """Encoding a (long) prompt runs in a worker thread, never on the thread that serves every stream."""
+    server, engine = served
+    threads = []
+    encode = engine.encode
+    monkeypatch.setattr(engine, "encode", lambda text: (threads.append(threading.current_thread()), encode(text))[1])
+    client.completions.create(model="tiny", prompt="hello", max_tokens=2)
+    assert threads and server.thread not in threads

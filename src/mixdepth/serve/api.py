@@ -372,7 +372,8 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
                                param="prompt", code="unsupported_parameter")
             prompt = prompt[0]
         try:
-            ids = engine.encode(prompt) if isinstance(prompt, str) else list(prompt)
+            # in a worker thread, as the chat template is: a long prompt must not stall the other streams
+            ids = await asyncio.to_thread(engine.encode, prompt) if isinstance(prompt, str) else list(prompt)
         except ValueError as e:
             raise APIError(400, str(e), param="prompt") from None
         params = _params(body, ids, body.max_tokens, 16)  # OpenAI's default max_tokens for completions
