@@ -421,20 +421,22 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
         text, routed = [], []
         # the client going away is watched apart from the events: a steady flow of tokens must not hide it
         gone = asyncio.ensure_future(_disconnected(request))
+        get = None
         try:
             while True:
                 get = asyncio.ensure_future(queue.get())
                 await asyncio.wait((get, gone), return_when=asyncio.FIRST_COMPLETED)
                 if not get.done():  # the client went away: free its row (in `finally`)
-                    get.cancel()
                     return JSONResponse({}, status_code=499)
                 ev = get.result()
                 text.append(ev.text)
                 routed += ev.routed_layers
                 if ev.done:
                     break
-        finally:
-            gone.cancel()
+        finally:  # also when this task is cancelled: nothing left waiting
+            for task in (gone, get):
+                if task is not None:
+                    task.cancel()
             if not req.done:
                 engine.cancel(req)
         if ev.error is not None:
