@@ -354,7 +354,7 @@ def test_automodel_refuses_weights_that_do_not_match_the_routing(exported, tmp_p
 
 def test_automodel_names_both_mixdepth_versions_when_the_installed_one_cannot_read_the_config(exported, tmp_path):
     """config.json records the mixdepth that wrote it; a config the installed mixdepth cannot read
-    (a newer one's setting) is one line naming both versions."""
+    (a newer one's setting) is one line naming both versions, through transformers and our loader."""
     import shutil
 
     from mixdepth import __version__
@@ -367,9 +367,11 @@ def test_automodel_names_both_mixdepth_versions_when_the_installed_one_cannot_re
     cfg["mixdepth"]["routing"]["a_newer_setting"] = 1
     cfg["mixdepth_version"] = "99.0"
     (newer / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match=f"written by mixdepth 99.0, read by the installed {__version__}") as e:
-        transformers.AutoModelForCausalLM.from_pretrained(str(newer), trust_remote_code=True)
-    assert "a_newer_setting" in str(e.value) and "\n" not in str(e.value)
+    for load in (lambda: transformers.AutoModelForCausalLM.from_pretrained(str(newer), trust_remote_code=True),
+                 lambda: load_model(newer)):  # transformers, and generate/eval/train --init
+        with pytest.raises(ValueError, match=f"written by mixdepth 99.0, read by the installed {__version__}") as e:
+            load()
+        assert "a_newer_setting" in str(e.value) and "\n" not in str(e.value)
 
 
 def test_automodel_export_refuses_what_it_cannot_write_and_leaves_nothing(tmp_path, capsys):

@@ -231,31 +231,36 @@ TRANSFORMERS_MODEL_TYPE = "mixdepth"
 our config is its `mixdepth` entry and the weights are ours under `model.`."""
 
 
-def _config_data(cpath: Path) -> tuple[dict, bool]:
-    """config.json's model config, and whether the folder is a transformers export."""
+def _config_data(cpath: Path) -> tuple[dict, dict | None]:
+    """config.json's model config, and the whole transformers config if the folder is an export."""
     data = read_json_file(cpath, "checkpoint file")
     if isinstance(data, dict) and data.get("model_type") == TRANSFORMERS_MODEL_TYPE:
         if not isinstance(data.get("mixdepth"), dict):
             raise ValueError(f"{cpath} has model_type {TRANSFORMERS_MODEL_TYPE!r} but no `mixdepth` model config")
-        return data["mixdepth"], True
-    return data, False
+        return data["mixdepth"], data
+    return data, None
 
 
 def load_config(path: str | Path) -> ModelConfig:
     """The `ModelConfig` of a checkpoint (folder or run folder, or a folder exported for transformers)."""
+    from . import __version__
+
     ckpt = resolve_checkpoint(path)
     cpath = ckpt / "config.json"
-    data, _ = _config_data(cpath)
+    data, exported = _config_data(cpath)
     try:
         return ModelConfig.from_dict(data)
     except (ValueError, TypeError) as e:
-        raise ValueError(f"{cpath} is not a mixdepth model config ({str(e).splitlines()[0]})") from None
+        written = (exported or {}).get("mixdepth_version")
+        versions = f"written by mixdepth {written}, read by the installed {__version__}: " \
+            if written and written != __version__ else ""
+        raise ValueError(f"{cpath} is not a mixdepth model config ({versions}{str(e).splitlines()[0]})") from None
 
 
 def _load_weights(model: torch.nn.Module, ckpt: Path) -> None:
     fpath = ckpt / "model.safetensors"
     tensors, _ = _load_safetensors(fpath)
-    if (ckpt / "config.json").exists() and _config_data(ckpt / "config.json")[1]:  # MixdepthForCausalLM's names
+    if (ckpt / "config.json").exists() and _config_data(ckpt / "config.json")[1] is not None:  # the export's names
         tensors = {k.removeprefix("model."): v for k, v in tensors.items()}
     cfg = model.cfg
     expected = set(model.state_dict())
