@@ -371,8 +371,10 @@ def test_server_refuses_bad_chat_and_json(served):
                         ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "tools": [{}]}, "tools")]:
         r = httpx.post(base + "/v1/chat/completions", json=body)
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
-    r = httpx.post(base + "/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
-    assert r.status_code == 400 and r.json()["error"]["message"]
+    for content in (b"{not json", b"", b"[1, 2]"):
+        r = httpx.post(base + "/v1/completions", content=content, headers={"content-type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"]["message"] == "the body is not a JSON object", r.text
+        assert r.json()["error"]["param"] is None  # no field is to blame
     r = httpx.get(base + "/v1/nothing")
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
 

@@ -284,8 +284,9 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
         param = ".".join(loc) or None
         if err.get("type") == "extra_forbidden":
             msg = f"unknown or unsupported field '{param}'"
-        elif err.get("type") in ("json_invalid", "model_attributes_type"):
-            msg = "the body is not a JSON object"
+        elif err.get("type") in ("json_invalid", "model_attributes_type") or raw == ["body"]:
+            # the body as a whole (a json_invalid loc ends with a character offset, not a field)
+            msg, param = "the body is not a JSON object", None
         else:
             msg = f"{param}: {err.get('msg', 'invalid value')}" if param else err.get("msg", "invalid body")
         return error_response(APIError(400, msg, param=param))
