@@ -42,7 +42,8 @@ class MixdepthConfig(PretrainedConfig):
     mixdepth: dict | None = None
     """`ModelConfig.to_dict()` of the model."""
     mixdepth_version: str | None = None
-    """The mixdepth version that wrote `mixdepth` (the remote code runs whichever is installed)."""
+    """The mixdepth version that wrote `mixdepth`, named when the installed one (which the remote code
+    runs) cannot read it; once read, the installed version, which a save writes."""
     vocab_size: int | None = None
     hidden_size: int | None = None
     intermediate_size: int | None = None
