@@ -393,6 +393,19 @@ def test_automodel_export_refuses_what_it_cannot_write_and_leaves_nothing(tmp_pa
     assert not (tmp_path / "out").exists() and not (tmp_path / "direct").exists()
 
 
+def test_automodel_export_without_transformers_is_one_line(exported, tmp_path, capsys, monkeypatch):
+    """`mixdepth export` (format transformers) where transformers is not installed: one line naming
+    the extra, exit 2, no --out folder."""
+    from mixdepth.cli import main
+
+    monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` raises ImportError
+    with pytest.raises(SystemExit) as e:
+        main(["export", str(exported[1]), "--out", str(tmp_path / "out" / "hf")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "pip install 'mixdepth[hf]'" in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
 # ---- Trainer, PEFT, lm-eval ----------------------------------------------------------------------
 def _pattern_batch(n: int, T: int = 32) -> torch.Tensor:
     """Rows of a repeated short byte pattern: a tiny model learns them in a few steps."""

@@ -130,6 +130,7 @@ def to_transformers(model, folder: str | Path, tokenizer=None) -> Path:
     `tokenizer`: an `HFTokenizer` to write beside it; None writes the byte-level tokenizer (a
     model whose vocabulary is not 256 bytes then needs one).
     """
+    _transformers()  # a one-line error without it, before any folder
     if tokenizer is None and model.cfg.vocab_size != 256:
         raise ValueError(f"a model of vocab_size {model.cfg.vocab_size} needs its Hugging Face tokenizer to export "
                          "(byte-level covers 256 tokens)")

@@ -30,7 +30,7 @@ def _transformers():
     try:
         import transformers
     except ImportError:
-        raise ValueError("Hugging Face conversion needs transformers: pip install 'mixdepth[hf]'") from None
+        raise ValueError("Hugging Face conversion and export need transformers: pip install 'mixdepth[hf]'") from None
     return transformers
 
 
