@@ -113,19 +113,18 @@ class MixdepthCache(Cache):
     # ---- rows: beam search reorders them ----------------------------------------------------------
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: row i continues what row `beam_idx[i]` held (keys, values, fill lengths, dial)."""
-        if self.kv is not None:
-            self._select_rows(beam_idx)
+        self._select_rows(beam_idx)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.kv is not None:
-            self._select_rows(indices)
+        self._select_rows(indices)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.kv is not None:
             self._select_rows(torch.arange(self.kv.batch_size).repeat_interleave(repeats))
 
     def _select_rows(self, idx: torch.Tensor) -> None:
-        self.kv.select_rows(idx)  # whole rows, with their fill lengths and dial state
+        if self.kv is not None:  # a cache not started has no rows yet
+            self.kv.select_rows(idx)  # whole rows, with their fill lengths and dial state
 
     def crop(self, max_length: int) -> None:
         raise ValueError("cropping the cache (assisted or speculative decoding) is not supported by the mixdepth "
