@@ -259,6 +259,30 @@ def test_automodel_save_pretrained_round_trips_and_the_cli_reads_the_export(expo
     assert "1 steps" in capsys.readouterr().out
 
 
+def test_automodel_resize_token_embeddings_keeps_the_config_in_step(exported, tmp_path):
+    """`resize_token_embeddings` (adding tokens for fine-tuning) changes our config's vocab_size too:
+    the new ids are accepted, the head stays our `Linear`, and the saved folder loads with the same
+    logits (tied and untied embeddings)."""
+    from mixdepth.model.layers import Linear
+
+    torch.manual_seed(0)
+    untied = MixdepthForCausalLM.from_model(MoDTransformer(ModelConfig.from_name("debug", tie_embeddings=False)))
+    tied = transformers.AutoModelForCausalLM.from_pretrained(str(exported[2]))
+    for name, model in (("tied", tied), ("untied", untied)):
+        model.eval().resize_token_embeddings(260)
+        assert model.model.cfg.vocab_size == model.config.mixdepth["vocab_size"] == 260
+        assert type(model.model.lm_head) is Linear and model.model.lm_head.out_features == 260
+        x = torch.tensor([[259, 1, 2, 258]])
+        with torch.no_grad():
+            logits = model(x).logits
+        assert logits.shape == (1, 4, 260)
+        model.save_pretrained(str(tmp_path / name))
+        again = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / name)).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(again(x).logits, logits, rtol=0, atol=0)
+        assert load_model(tmp_path / name).cfg.vocab_size == 260
+
+
 def _python(code: str, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=300)

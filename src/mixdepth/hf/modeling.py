@@ -21,6 +21,7 @@ Dimensions: B batch, T tokens of this call, V vocabulary.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -29,7 +30,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..generate import fraction_thresholds
 from ..model import MoDTransformer
-from ..model.layers import RotaryEmbedding
+from ..model.layers import Linear, RotaryEmbedding
 from .cache import MixdepthCache
 from .configuration import MODEL_TYPE, MixdepthConfig
 
@@ -128,6 +129,22 @@ class MixdepthForCausalLM(PreTrainedModel, GenerationMixin):
 
     def set_output_embeddings(self, value) -> None:
         self.model.lm_head = value
+
+    def resize_token_embeddings(self, new_num_tokens=None, pad_to_multiple_of=None, mean_resizing=True):
+        """transformers' resize, and our config follows (`vocab_size` of the model's `ModelConfig` and
+        of `config.mixdepth`, which the standard names are read from), so the new ids are accepted
+        and a saved folder loads. A head transformers rebuilt as `nn.Linear` becomes our `Linear`."""
+        embeds = super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+        head = self.model.lm_head
+        if type(head) is not Linear:
+            with torch.device("meta"):
+                ours = Linear(head.in_features, head.out_features, bias=head.bias is not None)
+            ours.weight, ours.bias = head.weight, head.bias
+            self.model.lm_head = head = ours
+        head.out_features = head.weight.shape[0]  # a tied head took the new embedding's weight
+        cfg = dataclasses.replace(self.model.cfg, vocab_size=embeds.weight.shape[0])
+        self.model.cfg, self.config.mixdepth = cfg, cfg.to_dict()
+        return embeds
 
     # ---- generation -------------------------------------------------------------------------------
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
