@@ -289,22 +289,25 @@ def _python(code: str, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_automodel_knows_mixdepth_after_import_and_refuses_remote_code_unless_trusted(exported):
-    """`import mixdepth` loads no transformers; afterwards (imported before or after transformers)
-    AutoConfig/AutoModelForCausalLM load the export without remote code. Without mixdepth imported,
-    transformers refuses the folder's code unless trust_remote_code=True, in its own words."""
+    """`import mixdepth` loads no transformers; afterwards (imported before or after transformers, or
+    after its Auto classes) AutoConfig/AutoModelForCausalLM load the export without remote code.
+    Without mixdepth imported, transformers refuses the folder's code unless trust_remote_code=True,
+    in its own words."""
     code = r"""
 import sys
 first = sys.argv[2]
 if first == "transformers":
     import transformers
+if first == "auto classes":  # loaded already: registered at once, not by the import hook
+    from transformers import AutoConfig, AutoModelForCausalLM
 import mixdepth
-assert first == "transformers" or "transformers" not in sys.modules, "import mixdepth imported transformers"
+assert first != "mixdepth" or "transformers" not in sys.modules, "import mixdepth imported transformers"
 from transformers import AutoConfig, AutoModelForCausalLM
 assert AutoConfig.for_model("mixdepth").model_type == "mixdepth"
 m = AutoModelForCausalLM.from_pretrained(sys.argv[1])
 print(type(m).__module__, type(m).__name__)
 """
-    for first in ("mixdepth", "transformers"):
+    for first in ("mixdepth", "transformers", "auto classes"):
         run = _python(code, str(exported[2]), first)
         assert run.returncode == 0, run.stderr[-2000:]
         assert run.stdout.split() == ["mixdepth.hf.modeling", "MixdepthForCausalLM"]
