@@ -128,6 +128,20 @@ def test_transformers_generate_holds_the_compute_dial_per_call(exported, hf_mode
         hf_model.generate(torch.tensor([p]), max_new_tokens=2, cache_implementation="static")
 
 
+def test_transformers_generation_config_fraction_holds_without_a_cache_too(hf_model):
+    """`mixdepth_fraction` in the generation config routes as the argument does with use_cache=False
+    as well (each step a full forward): the scores of every step equal the cached generation's."""
+    p = torch.tensor([PROMPTS[0]])
+    for f, rule in ((0.1, "threshold"), (0.3, "hold")):
+        scores = []
+        for use_cache in (True, False):
+            config = transformers.GenerationConfig(max_new_tokens=6, do_sample=False, mixdepth_fraction=f,
+                                                   mixdepth_fraction_rule=rule, use_cache=use_cache,
+                                                   return_dict_in_generate=True, output_logits=True)
+            scores.append(torch.stack(hf_model.generate(p, generation_config=config).logits))
+        torch.testing.assert_close(scores[1], scores[0], rtol=1e-5, atol=1e-5)
+
+
 def test_transformers_forward_takes_the_fraction_for_a_cache_not_yet_started(hf_model):
     """`model(x, cache=MixdepthCache(...), mixdepth_fraction=f)` starts the cache at f (the logits and
     routing of the call without a cache at f); a started cache refuses another fraction in one line

@@ -152,12 +152,14 @@ class MixdepthForCausalLM(PreTrainedModel, GenerationMixin):
         if generation_config.cache_implementation not in (None, "dynamic"):
             raise ValueError(f"cache_implementation {generation_config.cache_implementation!r} is not supported by "
                              "MixdepthForCausalLM: it decodes with its own cache (MixdepthCache)")
-        if generation_config.use_cache is False:
-            return
         fraction = model_kwargs.pop("mixdepth_fraction", None)
         rule = model_kwargs.pop("mixdepth_fraction_rule", None)
         fraction = getattr(generation_config, "mixdepth_fraction", None) if fraction is None else fraction
         rule = getattr(generation_config, "mixdepth_fraction_rule", None) if rule is None else rule
+        if generation_config.use_cache is False:  # each step a full forward, which takes the fraction itself
+            asked = {"mixdepth_fraction": fraction, "mixdepth_fraction_rule": rule}
+            model_kwargs.update({k: v for k, v in asked.items() if v is not None})
+            return
         cache = model_kwargs.get("cache")
         if cache is not None and not isinstance(cache, MixdepthCache) and cache.get_seq_length() > 0:
             raise ValueError(f"MixdepthForCausalLM decodes with a MixdepthCache, got {type(cache).__name__}")
