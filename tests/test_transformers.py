@@ -188,6 +188,8 @@ def test_automodel_logits_equal_ours_in_causal_mode_with_left_padding(exported, 
         ours = model(x, mode="causal").logits
         theirs = hf_model(x).logits
         torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+        for keep, cols in ((1, [-1]), (3, [-3, -2, -1]), (torch.tensor([0, 5, 39]), [0, 5, 39])):  # as transformers
+            torch.testing.assert_close(hf_model(x, logits_to_keep=keep).logits, theirs[:, cols], rtol=1e-5, atol=1e-5)
         plain = hf_model(x, return_dict=False)  # a tuple, as transformers' models give
         assert type(plain) is tuple and len(plain) == 1 and torch.equal(plain[0], theirs)
         ids, mask = _left_pad(PROMPTS)

@@ -189,7 +189,7 @@ class MixdepthForCausalLM(PreTrainedModel, GenerationMixin):
         cache: MixdepthCache | None = None,
         labels: torch.Tensor | None = None,
         use_cache: bool | None = None,
-        logits_to_keep: int = 0,
+        logits_to_keep: int | torch.Tensor = 0,
         mixdepth_fraction: float | None = None,
         mixdepth_fraction_rule: str | None = None,
         past_key_values: MixdepthCache | None = None,
@@ -210,7 +210,7 @@ class MixdepthForCausalLM(PreTrainedModel, GenerationMixin):
             cache: a `MixdepthCache` to continue (`past_key_values` is the older name); eval mode only.
             labels: (B, T) token ids aligned with `input_ids` (-100: ignored); the model shifts them.
             use_cache: True: return a cache (made here when none is given); eval mode only.
-            logits_to_keep: 0: logits at every column; n: the last n columns.
+            logits_to_keep: 0: logits at every column; n: the last n columns; a 1-D tensor: those columns.
             mixdepth_fraction, mixdepth_fraction_rule: routed fraction of this call (and of a cache
                 made here), as `mixdepth.generate.generate`'s `fraction`/`fraction_rule`.
             return_dict: False: the output's fields that are set, as a tuple (loss, logits, cache).
@@ -272,7 +272,7 @@ class MixdepthForCausalLM(PreTrainedModel, GenerationMixin):
             if valid is not None:
                 lab = lab.masked_fill(torch.arange(T, device=lab.device) >= valid.to(lab.device)[:, None], -100)
             targets = torch.cat([lab[:, 1:], lab.new_full((B, 1), -100)], dim=1)  # next token at each column
-        last_only = logits_to_keep == 1 and targets is None
+        last_only = isinstance(logits_to_keep, int) and logits_to_keep == 1 and targets is None
         out = mod(ids, targets, mode=mode, cache=kv, thresholds=thresholds, valid_lengths=valid, last_only=last_only,
                   dial=dial)
         if cache is not None:
@@ -280,7 +280,9 @@ class MixdepthForCausalLM(PreTrainedModel, GenerationMixin):
         logits = out.logits  # (B, T, V), or (B, 1, V) at each row's last real token
         if order is not None and not last_only:
             logits = torch.empty_like(logits).scatter_(1, order[..., None].expand_as(logits), logits)
-        if logits_to_keep and not last_only:
+        if isinstance(logits_to_keep, torch.Tensor):
+            logits = logits[:, logits_to_keep.to(logits.device)]
+        elif logits_to_keep and not last_only:
             logits = logits[:, -logits_to_keep:]
         output = CausalLMOutputWithPast(loss=out.loss, logits=logits, cache=cache)
         return output.to_tuple() if return_dict is False else output
